@@ -1,0 +1,71 @@
+"""Llama 4 attention: GQA, iRoPE (chunked RoPE layers, global NoPE layers), QK norm, temperature tuning."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill.model.config import ModelConfig
+from distill.model.layers import dtype_of, param, rms_normalize
+from distill.model.rope import apply_rotary
+
+
+def attention_mask(positions_bs: jax.Array, segment_ids_bs: jax.Array | None, chunk_size: int | None) -> jax.Array:
+    """Boolean `[B, 1, S, S]`: causal, within a segment, and within a chunk when `chunk_size` is set."""
+    q = positions_bs[:, :, None]
+    k = positions_bs[:, None, :]
+    mask = k <= q
+    if segment_ids_bs is not None:
+        mask &= segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :]
+    if chunk_size is not None:
+        mask &= (q // chunk_size) == (k // chunk_size)
+    return mask[:, None]
+
+
+def temperature_scales(positions_bs: jax.Array, floor_scale: int, attn_scale: float) -> jax.Array:
+    """`log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`, float32 `[B, S]`."""
+    pos = positions_bs.astype(jnp.float32)
+    return jnp.log1p(jnp.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, uses_rope: bool, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.cfg = cfg
+        self.uses_rope = uses_rope
+        self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
+        self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), cfg)
+        self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
+
+    def __call__(self, x_bsd: jax.Array, positions_bs: jax.Array, rope: tuple[jax.Array, jax.Array],
+                 segment_ids_bs: jax.Array | None) -> jax.Array:
+        cfg, c = self.cfg, dtype_of(self.cfg.dtype)
+        x = x_bsd.astype(c)
+        q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(c))
+        k = jnp.einsum("bsd,dhk->bshk", x, self.k[...].astype(c))
+        v = jnp.einsum("bsd,dhk->bshk", x, self.v[...].astype(c))
+        if self.uses_rope:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if cfg.use_qk_norm:
+                q, k = rms_normalize(q, cfg.rms_norm_eps), rms_normalize(k, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:
+            scales = temperature_scales(positions_bs, cfg.floor_scale, cfg.attn_scale)
+            q = (q.astype(jnp.float32) * scales[:, :, None, None]).astype(c)
+        chunk = cfg.attention_chunk_size if self.uses_rope else None
+        mask = attention_mask(positions_bs, segment_ids_bs, chunk)
+        out = grouped_attention(q, k, v, mask, cfg.head_dim**-0.5)
+        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(c))
+
+
+def grouped_attention(q_bshk, k_bskk, v_bskk, mask_b1qk, scale: float) -> jax.Array:
+    """Softmax attention with `kv_heads` groups of query heads; logits and softmax in float32."""
+    b, s, h, hd = q_bshk.shape
+    kv = k_bskk.shape[2]
+    q = q_bshk.reshape(b, s, kv, h // kv, hd)
+    logits = jnp.einsum("bqgrk,bsgk->bgrqs", q, k_bskk, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask_b1qk[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskk.dtype)
+    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_bskk)
+    return out.reshape(b, s, h, hd)

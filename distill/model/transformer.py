@@ -1,0 +1,169 @@
+"""The Llama-4-style MoE decoder: one implementation for teacher and student.
+
+Layers are built in groups of `cfg.layer_period` consecutive layers (the period of the
+RoPE/NoPE x MoE/dense plan). With `scan_layers`, the whole groups are stacked along a leading
+`layers` axis and run under `jax.lax.scan` (compile time flat in depth); the remaining
+`num_hidden_layers % period` layers run unrolled after them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from distill.model.attention import Attention
+from distill.model.config import ModelConfig
+from distill.model.layers import RMSNorm, SwiGLU, dtype_of, param
+from distill.model.moe import MoE, MoEStats
+from distill.model.rope import inverse_frequencies, rotary_angles
+
+
+@struct.dataclass
+class ModelOutput:
+    """What a forward pass returns. Router statistics are stacked over MoE layers, in layer order."""
+
+    logits: jax.Array  # [B, S, vocab] float32
+    router_logits: jax.Array  # [L_moe, B*S, E] float32
+    expert_indices: jax.Array  # [L_moe, B*S, k] int32
+    expert_counts: jax.Array  # [L_moe, E] int32
+    dropped_fraction: jax.Array  # [L_moe] float32
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: `h = x + attn(norm(x)); out = h + ffn(norm(h))`."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
+        self.is_moe = cfg.layer_is_moe[layer_index]
+        self.input_norm = RMSNorm(cfg, rngs)
+        self.attention = Attention(cfg, cfg.layer_uses_rope[layer_index], rngs)
+        self.post_attention_norm = RMSNorm(cfg, rngs)
+        self.feed_forward = MoE(cfg, rngs) if self.is_moe else SwiGLU(cfg, cfg.intermediate_size_mlp, rngs)
+
+    def __call__(self, x, positions, rope, segment_ids) -> tuple[jax.Array, MoEStats | None]:
+        h = x + self.attention(self.input_norm(x), positions, rope, segment_ids).astype(x.dtype)
+        if self.is_moe:
+            y, stats = self.feed_forward(self.post_attention_norm(h))
+        else:
+            y, stats = self.feed_forward(self.post_attention_norm(h)), None
+        return h + y.astype(h.dtype), stats
+
+
+class LayerGroup(nnx.Module):
+    """`period` consecutive layers starting at `first_layer`; the unit that scan stacks."""
+
+    def __init__(self, cfg: ModelConfig, first_layer: int, size: int, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(cfg, first_layer + j, rngs) for j in range(size)])
+
+    def __call__(self, x, positions, rope, segment_ids) -> tuple[jax.Array, list[MoEStats]]:
+        stats = []
+        for layer in self.layers:
+            x, layer_stats = layer(x, positions, rope, segment_ids)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return x, stats
+
+
+def _stack_stats(stats: list[MoEStats]) -> MoEStats:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Transformer(nnx.Module):
+    """Token embedding, decoder layers, final RMSNorm, LM head.
+
+    Call on int tokens `[B, S]`; optional `positions` `[B, S]` (default 0..S-1) and `segment_ids`
+    `[B, S]` (packed documents attend only within their segment). Returns a `ModelOutput`.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        period = cfg.layer_period
+        num_groups, tail = divmod(cfg.num_hidden_layers, period)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        if cfg.scan_layers and num_groups > 1:
+            self.scanned = self._stacked_groups(cfg, num_groups, period, rngs)
+            self.groups = nnx.List([])
+        else:
+            self.scanned = None
+            self.groups = nnx.List([LayerGroup(cfg, g * period, period, rngs) for g in range(num_groups)])
+        first_tail = cfg.num_hidden_layers - tail
+        self.tail = LayerGroup(cfg, first_tail, tail, rngs) if tail else None
+        self.final_norm = RMSNorm(cfg, rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else param(
+            rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    @staticmethod
+    def _stacked_groups(cfg: ModelConfig, num_groups: int, period: int, rngs: nnx.Rngs) -> LayerGroup:
+        @nnx.split_rngs(splits=num_groups)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def create(rngs):
+            return LayerGroup(cfg, 0, period, rngs)
+
+        return create(rngs)
+
+    def __call__(self, tokens_bs: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> ModelOutput:
+        cfg = self.cfg
+        b, s = tokens_bs.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        rope = rotary_angles(positions, inverse_frequencies(cfg))
+        x = jnp.take(self.embed[...], tokens_bs, axis=0).astype(dtype_of(cfg.dtype))
+        stats: list[MoEStats] = []
+
+        def run_group(group, x):
+            return group(x, positions, rope, segment_ids)
+
+        if cfg.remat != "none":
+            run_group = nnx.remat(run_group, policy=_REMAT_POLICIES[cfg.remat])
+
+        if self.scanned is not None:
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def scan_groups(x, group):
+                x, group_stats = run_group(group, x)
+                return x, (_stack_stats(group_stats) if group_stats else None)
+
+            x, scanned_stats = scan_groups(x, self.scanned)
+            if scanned_stats is not None:  # [G, moe per group, ...] -> layer order
+                stats.extend(_unstack(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), scanned_stats)))
+        for group in self.groups:
+            x, group_stats = run_group(group, x)
+            stats.extend(group_stats)
+        if self.tail is not None:
+            x, group_stats = run_group(self.tail, x)
+            stats.extend(group_stats)
+
+        x = self.final_norm(x)
+        c = dtype_of(cfg.dtype)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.dot(x.astype(c), head.astype(c), preferred_element_type=jnp.float32)
+        return ModelOutput(logits=logits, **_router_fields(stats, b * s, cfg))
+
+
+def _unstack(stacked: MoEStats) -> list[MoEStats]:
+    n = stacked.expert_counts.shape[0]
+    return [jax.tree.map(lambda a: a[i], stacked) for i in range(n)]
+
+
+def _router_fields(stats: list[MoEStats], num_tokens: int, cfg: ModelConfig) -> dict:
+    if not stats:
+        e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+        return dict(router_logits=jnp.zeros((0, num_tokens, e), jnp.float32),
+                    expert_indices=jnp.zeros((0, num_tokens, k), jnp.int32),
+                    expert_counts=jnp.zeros((0, e), jnp.int32),
+                    dropped_fraction=jnp.zeros((0,), jnp.float32))
+    stacked = _stack_stats(stats)
+    return dict(router_logits=stacked.router_logits, expert_indices=stacked.expert_indices,
+                expert_counts=stacked.expert_counts, dropped_fraction=stacked.dropped_fraction)
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A freshly initialised model (parameters on the default device, no mesh needed)."""
+    return Transformer(cfg, nnx.Rngs(params=seed))
