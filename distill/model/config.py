@@ -36,11 +36,11 @@ class RopeScaling:
     def __post_init__(self):
         if self.factor <= 0:
             _fail("rope_scaling.factor", self.factor, "must be > 0")
-        if not 0 < self.low_freq_factor < self.high_freq_factor:
+        if not 0 < self.low_freq_factor <= self.high_freq_factor:
             _fail(
                 "rope_scaling.low_freq_factor",
                 self.low_freq_factor,
-                f"must satisfy 0 < low_freq_factor < high_freq_factor ({self.high_freq_factor})",
+                f"must satisfy 0 < low_freq_factor <= high_freq_factor ({self.high_freq_factor})",
             )
         if self.original_max_position_embeddings <= 0:
             _fail("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings, "must be > 0")

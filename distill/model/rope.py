@@ -27,6 +27,8 @@ def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     high_wavelen = old_len / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    if scaling.high_freq_factor == scaling.low_freq_factor:  # Llama 4 Scout: no medium band to smooth
+        return scaled.astype(np.float32)
     smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
