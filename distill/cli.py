@@ -22,9 +22,21 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from distill.config import load_config
+    from distill.trainer import run
+
+    run(load_config(args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run (or resume) one experiment from a YAML config")
+    run.add_argument("config", help="the experiment's YAML file, e.g. experiments/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 run.dir=runs/r1")
+    run.set_defaults(handler=_run)
     bench = commands.add_parser("bench", help="run a benchmark script from experiments/bench and print its tables")
     bench.add_argument("name", help="benchmark name, e.g. model or losses")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -33,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distill.model.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"distill {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

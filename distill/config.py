@@ -1,0 +1,298 @@
+"""The run configuration: typed sections, YAML loading, dotted overrides, validation.
+
+A YAML file has the sections `run`, `data`, `teacher`, `students` (a list; or `student` for
+one), `loss`, `optim`, `mesh`, `train`. Every field is documented where it is declared; every
+error names the dotted field, the bad value and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from distill.configtools import field_names, from_dict, parse_override, set_dotted, to_dict, unknown_key_error
+from distill.data import DataConfig
+from distill.model.config import ConfigError, ModelConfig
+from losses import KD_LOSSES, WeightingConfig
+from student.presets import STUDENT_PRESETS
+from teacher.sources import teacher_model_config
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "run"  # a readable name; the default run directory is runs/<name>
+    dir: str | None = None  # the run directory (config, metrics, TensorBoard events, checkpoints)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warm-up and a decay schedule, global-norm clipping."""
+
+    learning_rate: float = 3e-3  # peak learning rate
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to min_lr_ratio * peak
+    warmup_steps: int = 50  # linear warm-up from 0 to the peak
+    min_lr_ratio: float = 0.1  # final learning rate / peak (cosine, linear)
+    weight_decay: float = 0.1  # decoupled weight decay (AdamW); not applied to norms
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0  # global gradient norm clip; null turns it off
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate={self.learning_rate}: must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ConfigError(f"clip_norm={self.clip_norm}: must be > 0 or null")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A student's loss: per token (1 - a) * CE(hard) + a * KD(teacher, student; T), + router terms."""
+
+    kd: str = "forward_kl"  # the KD term: one of losses.KD_LOSSES
+    kd_kwargs: dict = field(default_factory=dict)  # the KD term's parameters, e.g. {beta: 0.5} for jsd
+    temperature: float = 1.0  # T of the KD term (KD is multiplied by T^2)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)  # how a moves (losses.WeightingConfig)
+    label_smoothing: float = 0.0  # of the hard-label CE
+    load_balance_weight: float = 0.01  # Switch load-balancing loss, summed over MoE layers
+    router_z_weight: float = 0.001  # router z-loss, summed over MoE layers
+    router_kd_weight: float = 0.0  # student router matches the teacher's (needs equal expert counts)
+
+    def __post_init__(self):
+        if self.kd not in KD_LOSSES:
+            raise ConfigError(f"kd={self.kd!r}: allowed values are {', '.join(sorted(KD_LOSSES))}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature}: must be > 0")
+        for name in ("load_balance_weight", "router_z_weight", "router_kd_weight", "label_smoothing"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """Where the soft targets come from, and whether the teacher trains."""
+
+    preset: str | None = "cpu-teacher"  # a name in teacher.presets (null: model gives every field)
+    model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
+    source: Literal["scratch", "run", "hf"] = "scratch"  # fresh weights, a run directory, or a HF directory
+    path: str | None = None  # the run or HF directory for source run/hf
+    trainable: bool | None = None  # null: trains when source is scratch (co-distillation), else frozen
+    warmup_steps: int = 0  # teacher-only steps before the students start
+    target: Literal["live", "ema", "stale"] = "live"  # which copy the students distil from
+    ema_decay: float = 0.99  # target ema: target = decay * target + (1 - decay) * teacher, every step
+    refresh_every: int = 100  # target stale: copy the teacher into the target every this many steps
+    mutual_weight: float = 0.0  # co-trained teacher: weight of KD(students' mean -> teacher); 0 = off
+    load_balance_weight: float = 0.01
+    router_z_weight: float = 0.001
+    optim: OptimConfig | None = None  # null: the run's optim section
+
+    def __post_init__(self):
+        if self.source != "scratch" and not self.path:
+            raise ConfigError(f"teacher.path: required when teacher.source is {self.source!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"teacher.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.refresh_every < 1:
+            raise ConfigError(f"teacher.refresh_every={self.refresh_every}: must be >= 1")
+        if self.mutual_weight < 0:
+            raise ConfigError(f"teacher.mutual_weight={self.mutual_weight}: must be >= 0")
+        if self.trainable is False and self.target != "live":
+            raise ConfigError(f"teacher.target={self.target!r}: a frozen teacher has only the live copy")
+
+    @property
+    def trains(self) -> bool:
+        return self.source == "scratch" if self.trainable is None else self.trainable
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    name: str = "student"  # the tag in metrics: student/<name>/...
+    preset: str | None = "cpu-student"  # a name in student.presets
+    model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
+    control: bool = False  # hard labels only (a = 0, never sees the teacher): the run's own baseline
+    init: Literal["scratch", "teacher"] = "scratch"  # fresh weights, or copied from the teacher
+    init_layers: tuple[int, ...] | None = None  # init teacher: teacher layer for each student layer
+    init_experts: tuple[int, ...] | None = None  # init teacher: teacher expert for each student expert
+    loss: LossConfig | None = None  # null: the run's loss section
+    optim: OptimConfig | None = None  # null: the run's optim section
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"students.name={self.name!r}: a non-empty name without '/'")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 fills the devices left over (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # optimizer steps (teacher warm-up steps included)
+    seed: int = 0  # parameters, data order
+    grad_accum: int = 1  # micro-batches per step (data.batch_size is the global batch of one step)
+    eval_every: int = 50  # evaluate on the validation split every this many steps (and at the end)
+    eval_batches: int = 8  # validation batches per evaluation (null-like 0: the whole split)
+    log_every: int = 10  # metrics to metrics.jsonl / TensorBoard and the progress line
+    checkpoint_every: int = 100  # orbax checkpoint interval (and at the end)
+    keep_checkpoints: int = 2  # checkpoints kept (max_to_keep)
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if self.eval_batches < 0:
+            raise ConfigError(f"train.eval_batches={self.eval_batches}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    students: tuple[StudentConfig, ...] = (StudentConfig(),)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        names = [s.name for s in self.students]
+        if not names:
+            raise ConfigError("students: at least one student is required")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"students: names must be unique, got {names}")
+        teacher = self.teacher_model()
+        for i, s in enumerate(self.students):
+            model = self.student_model(i)
+            if model.vocab_size != teacher.vocab_size:
+                raise ConfigError(
+                    f"students[{i}].model.vocab_size={model.vocab_size}: differs from the teacher's "
+                    f"{teacher.vocab_size}; distillation compares distributions over one vocabulary")
+        for role, model in [("teacher", teacher)] + [(f"students[{i}]", self.student_model(i))
+                                                     for i in range(len(self.students))]:
+            if self.data.seq_len > model.max_position_embeddings:
+                raise ConfigError(f"data.seq_len={self.data.seq_len}: longer than {role}.model."
+                                  f"max_position_embeddings ({model.max_position_embeddings})")
+        if self.train.steps <= self.teacher.warmup_steps:
+            raise ConfigError(f"train.steps={self.train.steps}: must exceed teacher.warmup_steps "
+                              f"({self.teacher.warmup_steps}) so the students train")
+        if self.data.batch_size % self.train.grad_accum:
+            raise ConfigError(f"train.grad_accum={self.train.grad_accum}: must divide data.batch_size "
+                              f"({self.data.batch_size})")
+
+    def teacher_model(self) -> ModelConfig:
+        t = self.teacher
+        return teacher_model_config(t.source, t.path, t.preset, t.model)
+
+    def student_model(self, index: int) -> ModelConfig:
+        s = self.students[index]
+        return _model_config(s.preset, s.model, STUDENT_PRESETS, f"students[{index}]")
+
+    def student_loss(self, index: int) -> LossConfig:
+        return self.students[index].loss or self.loss
+
+    def student_optim(self, index: int) -> OptimConfig:
+        return self.students[index].optim or self.optim
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+def _model_config(preset: str | None, overrides: dict, presets: dict, role: str) -> ModelConfig:
+    if preset is None:
+        base = {}
+    elif preset in presets:
+        base = presets[preset].to_dict()
+    else:
+        known = ", ".join(sorted(presets))
+        raise ConfigError(f"{role}.preset={preset!r}: unknown; known presets: {known}")
+    return from_dict(ModelConfig, {**base, **overrides}, f"{role}.model")
+
+
+_SECTIONS = field_names(Config)
+_SECTION_TYPES = {"run": RunSection, "data": DataConfig, "teacher": TeacherConfig, "loss": LossConfig,
+                  "optim": OptimConfig, "mesh": MeshConfig, "train": TrainConfig}
+
+
+def _normalise(raw: dict) -> dict:
+    raw = dict(raw or {})
+    if "student" in raw:
+        if "students" in raw:
+            raise ConfigError("student and students: give one of them (student is shorthand for a one-item list)")
+        raw["students"] = [raw.pop("student")]
+    for key in raw:
+        if key not in _SECTIONS:
+            raise unknown_key_error("", key, _SECTIONS + ("student",))
+    return raw
+
+
+def _resolve_keyword(key: str) -> str:
+    """A Python keyword override: `train__steps`, or a field name unique across sections (`steps`)."""
+    if "__" in key:
+        return key.replace("__", ".")
+    owners = [name for name, section in _SECTION_TYPES.items() if key in field_names(section)]
+    if len(owners) == 1:
+        return f"{owners[0]}.{key}"
+    if not owners:
+        raise ConfigError(f"{key}: not a field of any section; use section__field=value, e.g. train__steps=50")
+    raise ConfigError(f"{key}: ambiguous, a field of {', '.join(owners)}; use e.g. {owners[0]}__{key}=...")
+
+
+def build_config(raw: dict, overrides: list[str] | dict | None = None) -> Config:
+    """A validated `Config` from a parsed YAML mapping and dotted overrides."""
+    tree = copy.deepcopy(_normalise(raw))
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        key = key.replace("student.", "students.0.", 1) if key.startswith("student.") else key
+        if key.split(".")[0] not in _SECTIONS:
+            raise unknown_key_error("", key.split(".")[0], _SECTIONS)
+        set_dotted(tree, key, value)
+    return from_dict(Config, tree)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **keywords) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) with overrides.
+
+    `overrides` are `dotted.key=value` strings (the CLI form); `keywords` are Python overrides:
+    `train__steps=50`, `{"train.steps": 50}` unpacked, or a field name unique across sections
+    (`steps=200`).
+    """
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    combined = {**dict(parse_override(o) for o in overrides or [])}
+    for key, value in keywords.items():
+        combined[key if "." in key else _resolve_keyword(key)] = value
+    return build_config(raw, combined)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

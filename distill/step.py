@@ -1,0 +1,321 @@
+"""The co-distillation step: one pure function `(state, batch) -> (state', metrics)`.
+
+1. Teacher forward, once per micro-batch. A trainable teacher keeps the VJP of that forward and
+   later pulls back the gradient of its own loss (CE + router aux + optional mutual term), so the
+   same forward serves the students and the teacher's update.
+2. Each student: forward, per-token `(1 - a) * CE + a * KD(target teacher, student; T)` from
+   `losses.distillation_loss` (a control student: plain CE), + router aux; gradients w.r.t. the
+   student's parameters only. The teacher logits are `stop_gradient`: no student loss reaches the
+   teacher.
+3. optax updates per model; the distillation target (EMA or stale copy) follows the teacher.
+Metrics come back as device arrays; the trainer reads them only at logging intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+import losses
+from distill.config import LossConfig, OptimConfig, TeacherConfig
+from distill.model import ModelOutput
+
+Batch = dict[str, jax.Array]  # tokens, labels, mask, segment_ids, positions: [rows, seq]
+# (train_step takes them as micro-batches, [grad_accum, rows, seq])
+
+
+@struct.dataclass
+class ModelState:
+    params: Any  # nnx.State of the model's nnx.Param variables
+    opt_state: Any  # optax state; None for a frozen teacher
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps completed (teacher warm-up included)
+    teacher: ModelState
+    target: Any  # params the students distil from when teacher.target is ema/stale, else None
+    students: tuple[ModelState, ...]
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    name: str
+    graph: Any  # nnx.GraphDef
+    tx: optax.GradientTransformation
+    loss: LossConfig
+    control: bool
+    num_experts: int
+    router_kd: bool  # router distillation active (equal MoE layer and expert counts)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything static about the step: graphs, optimizers, losses, teacher mode."""
+
+    teacher_graph: Any
+    teacher_tx: optax.GradientTransformation | None  # None: frozen teacher
+    teacher: TeacherConfig
+    teacher_experts: int
+    students: tuple[StudentPlan, ...]
+    grad_accum: int
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW + warm-up/decay schedule + global-norm clipping; no weight decay on 1-D params (norms)."""
+    peak, warmup = cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0))
+    end = peak * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end)
+    elif cfg.schedule == "linear":
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
+                                         optax.linear_schedule(peak, end, max(total_steps - warmup, 1))], [warmup])
+    else:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                        [warmup])
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)  # noqa: E731
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []) + [adamw]
+    return optax.chain(*parts)
+
+
+def current_lr(opt_state) -> jax.Array:
+    return opt_state[-1].hyperparams["learning_rate"]
+
+
+def forward(graph, params, batch: Batch) -> ModelOutput:
+    model = nnx.merge(graph, params)
+    return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+
+
+def _router_terms(router_logits, expert_indices, mask: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """(load balance, z-loss), summed over MoE layers (0 for a model without MoE layers)."""
+    if router_logits.shape[0] == 0:
+        return jnp.zeros(()), jnp.zeros(())
+    token_mask = jnp.broadcast_to(mask.reshape(-1) > 0, router_logits.shape[:2])
+    balance = losses.load_balancing_loss(router_logits, expert_indices, num_experts=num_experts, mask=token_mask)
+    z = jax.vmap(losses.token_mean)(losses.router_z_loss(router_logits, mask=token_mask), token_mask)
+    return jnp.sum(balance), jnp.sum(z)
+
+
+def _expert_load(out: ModelOutput) -> jax.Array:
+    """Fraction of assignments per expert, `[L_moe, E]`."""
+    counts = out.expert_counts.astype(jnp.float32)
+    return counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+
+
+def _router_entropy(out: ModelOutput) -> jax.Array:
+    if out.router_logits.shape[0] == 0:
+        return jnp.zeros(())
+    p = jax.nn.softmax(out.router_logits, axis=-1)
+    return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    return losses.token_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask > 0)
+
+
+def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step):
+    out = forward(plan.graph, params, batch)
+    mask, labels, cfg = batch["mask"] > 0, batch["labels"], plan.loss
+    if plan.control:
+        per_token = losses.cross_entropy(out.logits, labels, label_smoothing=cfg.label_smoothing, mask=mask)
+        stats = {"ce": losses.token_mean(per_token, mask)}
+    else:
+        per_token, stats = losses.distillation_loss(
+            out.logits, target_logits, labels, step=student_step, weighting=cfg.weighting, kd=cfg.kd,
+            kd_kwargs=cfg.kd_kwargs, temperature=cfg.temperature, mask=mask, label_smoothing=cfg.label_smoothing)
+    main = losses.token_mean(per_token, mask)
+    balance, z = _router_terms(out.router_logits, out.expert_indices, mask, plan.num_experts)
+    total = main + cfg.load_balance_weight * balance + cfg.router_z_weight * z
+    metrics = {"loss": main, "load_balance": balance, "z_loss": z}
+    if plan.router_kd:
+        token_mask = jnp.broadcast_to(mask.reshape(-1), out.router_logits.shape[:2])
+        router_kd = jnp.sum(jax.vmap(losses.token_mean)(
+            losses.router_distillation(out.router_logits, target_router, mask=token_mask), token_mask))
+        total = total + cfg.router_kd_weight * router_kd
+        metrics["router_kd"] = router_kd
+    for key in ("ce", "kd", "alpha_mean", "alpha_p10", "alpha_p50", "alpha_p90", "teacher_wrong_frac"):
+        if key in stats:
+            metrics["alpha" if key == "alpha_mean" else key] = stats[key]
+    if plan.control:  # the control's distance to the teacher, measured, never trained on
+        logits = jax.lax.stop_gradient(out.logits)
+        metrics["kd"] = losses.token_mean(
+            losses.forward_kl(logits, target_logits, temperature=cfg.temperature, mask=mask), mask)
+        metrics["alpha"] = jnp.zeros(())
+    metrics["accuracy"] = _accuracy(out.logits, labels, batch["mask"])
+    metrics["router_entropy"] = _router_entropy(out)
+    metrics["dropped_fraction"] = jnp.mean(out.dropped_fraction) if out.dropped_fraction.size else jnp.zeros(())
+    return total, (metrics, _expert_load(out), jax.lax.stop_gradient(out.logits))
+
+
+def _teacher_loss(outputs, batch: Batch, cfg: TeacherConfig, num_experts: int, student_logits):
+    logits, router_logits, expert_indices = outputs
+    mask, labels = batch["mask"] > 0, batch["labels"]
+    ce = losses.token_mean(losses.cross_entropy(logits, labels, mask=mask), mask)
+    balance, z = _router_terms(router_logits, expert_indices, mask, num_experts)
+    total = ce + cfg.load_balance_weight * balance + cfg.router_z_weight * z
+    metrics = {"ce": ce, "load_balance": balance, "z_loss": z}
+    if cfg.mutual_weight > 0 and student_logits:
+        mutual = jnp.mean(jnp.stack([losses.token_mean(losses.forward_kl(logits, s, mask=mask), mask)
+                                     for s in student_logits]))
+        total = total + cfg.mutual_weight * mutual
+        metrics["mutual"] = mutual
+    metrics["loss"] = total
+    return total, metrics
+
+
+def _apply(tx, params, opt_state, grads):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+def _target_after(plan: StepPlan, target, new_teacher_params, step):
+    if plan.teacher.target == "ema":
+        decay = plan.teacher.ema_decay
+        return jax.tree.map(lambda t, p: decay * t + (1.0 - decay) * p, target, new_teacher_params)
+    if plan.teacher.target == "stale":
+        refresh = (step + 1) % plan.teacher.refresh_every == 0
+        return jax.tree.map(lambda t, p: jnp.where(refresh, p, t), target, new_teacher_params)
+    return None
+
+
+def _mean_over_micro(tree):
+    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+
+
+def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students: bool = True,
+               student_step_offset: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step of the teacher (if it trains) and, `with_students`, of every student.
+
+    `batch` holds the global batch as micro-batches `[grad_accum, rows, seq]`, whose gradients are
+    averaged. `student_step_offset` (the teacher warm-up) is subtracted from the
+    step for the students' weighting schedules.
+    """
+    teacher_trains = plan.teacher_tx is not None
+    students = plan.students if with_students else ()
+    student_step = state.step - student_step_offset
+
+    def micro(carry, mb):
+        teacher_grads, student_grads = carry
+        if teacher_trains:
+            def teacher_forward(params):
+                out = forward(plan.teacher_graph, params, mb)
+                return (out.logits, out.router_logits), (out.expert_indices, out.expert_counts)
+            (t_logits, t_router), pullback, (t_indices, t_counts) = jax.vjp(
+                teacher_forward, state.teacher.params, has_aux=True)
+        else:
+            out = forward(plan.teacher_graph, state.teacher.params, mb)
+            t_logits, t_router, t_indices, t_counts = out.logits, out.router_logits, out.expert_indices, \
+                out.expert_counts
+        if state.target is not None and students:
+            target_out = forward(plan.teacher_graph, state.target, mb)
+            target_logits, target_router = target_out.logits, target_out.router_logits
+        else:
+            target_logits, target_router = t_logits, t_router
+        target_logits = jax.lax.stop_gradient(target_logits)
+        target_router = jax.lax.stop_gradient(target_router)
+
+        new_student_grads, student_metrics, student_logits = [], [], []
+        for sp, s_state, acc in zip(students, state.students, student_grads):
+            grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
+            (_, (metrics, load, logits)), grads = grad_fn(
+                s_state.params, sp, mb, target_logits, target_router, student_step)
+            new_student_grads.append(jax.tree.map(jnp.add, acc, grads))
+            student_metrics.append((metrics, load))
+            student_logits.append(logits)
+
+        teacher_load = (t_counts / jnp.maximum(jnp.sum(t_counts, -1, keepdims=True), 1)).astype(jnp.float32)
+        t_metrics = {"accuracy": _accuracy(t_logits, mb["labels"], mb["mask"])}
+        if teacher_trains:
+            loss_fn = lambda outs: _teacher_loss(  # noqa: E731
+                (*outs, t_indices), mb, plan.teacher, plan.teacher_experts, student_logits)
+            (_, loss_metrics), cotangent = jax.value_and_grad(loss_fn, has_aux=True)((t_logits, t_router))
+            (grads,) = pullback(cotangent)
+            teacher_grads = jax.tree.map(jnp.add, teacher_grads, grads)
+            t_metrics.update(loss_metrics)
+        else:
+            t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mb["mask"] > 0),
+                                                mb["mask"] > 0)
+        return (teacher_grads, tuple(new_student_grads)), (t_metrics, teacher_load, tuple(student_metrics))
+
+    zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
+    init = (zeros(state.teacher.params) if teacher_trains else None,
+            tuple(zeros(s.params) for s in state.students[:len(students)]))
+    (teacher_grads, student_grads), (t_metrics, t_load, s_metrics) = jax.lax.scan(
+        micro, init, batch)
+    scale = 1.0 / plan.grad_accum
+    metrics = {f"teacher/{k}": v for k, v in _mean_over_micro(t_metrics).items()}
+    metrics["teacher/expert_load"] = jnp.mean(t_load, axis=0)
+
+    teacher, target = state.teacher, state.target
+    if teacher_trains:
+        teacher_grads = jax.tree.map(lambda g: g * scale, teacher_grads)
+        metrics["teacher/grad_norm"] = optax.global_norm(teacher_grads)
+        params, opt_state = _apply(plan.teacher_tx, teacher.params, teacher.opt_state, teacher_grads)
+        teacher = ModelState(params=params, opt_state=opt_state)
+        metrics["teacher/lr"] = current_lr(opt_state)
+        if target is not None:
+            target = _target_after(plan, target, params, state.step)
+
+    new_students = list(state.students)
+    for i, (sp, grads) in enumerate(zip(students, student_grads)):
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        prefix = f"student/{sp.name}/"
+        scalars, load = s_metrics[i]
+        metrics.update({prefix + k: v for k, v in _mean_over_micro(scalars).items()})
+        metrics[prefix + "expert_load"] = jnp.mean(load, axis=0)
+        metrics[prefix + "grad_norm"] = optax.global_norm(grads)
+        params, opt_state = _apply(sp.tx, state.students[i].params, state.students[i].opt_state, grads)
+        new_students[i] = ModelState(params=params, opt_state=opt_state)
+        metrics[prefix + "lr"] = current_lr(opt_state)
+    new_state = TrainState(step=state.step + 1, teacher=teacher, target=target, students=tuple(new_students))
+    return new_state, metrics
+
+
+def eval_step(plan: StepPlan, state: TrainState, batch: Batch) -> dict[str, jax.Array]:
+    """Summed validation statistics of one batch (the trainer adds them up over batches).
+
+    `*/nats`: summed CE in nats; `tokens`: unmasked tokens; `student/<n>/agree`: tokens where the
+    student's top-1 equals the teacher's; `student/<n>/kl`: summed KL(teacher || student), T = 1.
+    """
+    mask = batch["mask"] > 0
+    teacher_logits = forward(plan.teacher_graph, state.teacher.params, batch).logits
+    total = lambda x: jnp.sum(jnp.where(mask, x, 0.0))  # noqa: E731
+    out = {"tokens": jnp.sum(mask.astype(jnp.float32)),
+           "teacher/nats": total(losses.cross_entropy(teacher_logits, batch["labels"], mask=mask))}
+    teacher_top1 = jnp.argmax(teacher_logits, -1)
+    for sp, s_state in zip(plan.students, state.students):
+        logits = forward(sp.graph, s_state.params, batch).logits
+        prefix = f"student/{sp.name}/"
+        out[prefix + "nats"] = total(losses.cross_entropy(logits, batch["labels"], mask=mask))
+        out[prefix + "agree"] = total((jnp.argmax(logits, -1) == teacher_top1).astype(jnp.float32))
+        out[prefix + "kl"] = total(losses.forward_kl(logits, teacher_logits, mask=mask))
+    return out
+
+
+def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Validation metrics from summed `eval_step` outputs: `eval/<model>/bpb`, agreement, KL.
+
+    `bpb` is bits per token: bits per byte with the byte tokenizer (the run contract's tag), bits
+    per token with any other tokenizer.
+    """
+    tokens = max(sums["tokens"], 1.0)
+    metrics = {}
+    for key, value in sums.items():
+        if key.endswith("/nats"):
+            model = key[: -len("/nats")]
+            metrics[f"eval/{model}/bpb"] = value / tokens / math.log(2)
+            metrics[f"eval/{model}/ce"] = value / tokens
+        elif key.endswith("/agree"):
+            metrics[f"eval/{key[: -len('/agree')]}/top1_agreement"] = value / tokens
+        elif key.endswith("/kl"):
+            metrics[f"eval/{key[: -len('/kl')]}/kl"] = value / tokens
+    return metrics

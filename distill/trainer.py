@@ -1,0 +1,256 @@
+"""The loop around the step: set-up, resume, logging, evaluation, checkpoints, the final table."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from distill.checkpoint import Checkpoints, abstract_like
+from distill.config import Config, save_config
+from distill.data import build_data
+from distill.logging import RunLogger
+from distill.model import ConfigError, build_model
+from distill.parallel import batch_sharding, check_batch_divides, make_mesh, replicated
+from distill.progress import Progress
+from distill.step import ModelState, StepPlan, StudentPlan, TrainState, eval_metrics, eval_step, make_optimizer, \
+    train_step
+from student import init_from_teacher
+from teacher.sources import load_teacher
+
+
+@dataclass
+class Models:
+    teacher: object
+    students: list
+
+
+def _build_models(cfg: Config) -> Models:
+    seed = cfg.train.seed
+    teacher = load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
+    students = []
+    for i, s in enumerate(cfg.students):
+        model = build_model(cfg.student_model(i), seed=seed + 1 + i)
+        if s.init == "teacher":
+            init_from_teacher(model, teacher, layers=s.init_layers, experts=s.init_experts)
+        students.append(model)
+    return Models(teacher, students)
+
+
+def _plan(cfg: Config, models: Models) -> StepPlan:
+    steps = cfg.train.steps
+    student_steps = steps - cfg.teacher.warmup_steps
+    t_graph, _ = nnx.split(models.teacher)
+    teacher_tx = make_optimizer(cfg.teacher.optim or cfg.optim, steps) if cfg.teacher.trains else None
+    t_cfg = models.teacher.cfg
+    plans = []
+    for i, (s, model) in enumerate(zip(cfg.students, models.students)):
+        graph, _ = nnx.split(model)
+        loss = cfg.student_loss(i)
+        router_kd = loss.router_kd_weight > 0 and not s.control
+        if router_kd and (model.cfg.num_moe_layers != t_cfg.num_moe_layers
+                          or model.cfg.num_local_experts != t_cfg.num_local_experts):
+            raise ConfigError(f"students[{i}].loss.router_kd_weight={loss.router_kd_weight}: router distillation "
+                              "needs the teacher's number of MoE layers and experts; set it to 0")
+        plans.append(StudentPlan(name=s.name, graph=graph, tx=make_optimizer(cfg.student_optim(i), student_steps),
+                                 loss=loss, control=s.control, num_experts=model.cfg.num_local_experts,
+                                 router_kd=router_kd))
+    return StepPlan(teacher_graph=t_graph, teacher_tx=teacher_tx, teacher=cfg.teacher,
+                    teacher_experts=t_cfg.num_local_experts, students=tuple(plans), grad_accum=cfg.train.grad_accum)
+
+
+def _initial_state(plan: StepPlan, models: Models) -> TrainState:
+    t_params = nnx.state(models.teacher, nnx.Param)
+    teacher = ModelState(t_params, plan.teacher_tx.init(t_params) if plan.teacher_tx else None)
+    target = jax.tree.map(jnp.copy, t_params) if plan.teacher_tx and plan.teacher.target != "live" else None
+    students = tuple(ModelState(p, sp.tx.init(p)) for sp, p in
+                     ((sp, nnx.state(m, nnx.Param)) for sp, m in zip(plan.students, models.students)))
+    return TrainState(step=jnp.zeros((), jnp.int32), teacher=teacher, target=target, students=students)
+
+
+def _prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """Create or reuse the run directory; refuse one that holds another config's run."""
+    run_dir = cfg.run.path
+    config_file = run_dir / "config.yaml"
+    resolved = cfg.to_dict()
+    if config_file.is_file():
+        previous = yaml.safe_load(config_file.read_text())
+        if previous != yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False)):
+            changed = sorted(_diff_keys(previous, resolved))
+            raise ConfigError(f"run.dir={str(run_dir)!r} holds a run with a different config (changed: "
+                              f"{', '.join(changed[:6])}); choose a new run.dir to start a new run")
+        return run_dir, True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"run.dir={str(run_dir)!r} exists and is not a distill run directory; choose another")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, config_file)
+    return run_dir, False
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in set(a) | set(b):
+            yield from _diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+    elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+        yield prefix.rstrip(".")
+
+
+def _hparams(cfg: Config) -> dict:
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, list) and node and isinstance(node[0], dict):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}{i}.")
+        else:
+            flat[prefix.rstrip(".")] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk(cfg.to_dict(), "")
+    return flat
+
+
+def _to_device(batch: dict, sharding, accum: int) -> dict:
+    micro = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
+    return jax.device_put(micro, sharding)
+
+
+def _scalars(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    host = jax.device_get(metrics)
+    scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+    arrays = {k: np.asarray(v) for k, v in host.items() if np.ndim(v) > 0}
+    return scalars, arrays
+
+
+def run(cfg: Config) -> dict:
+    """Run (or resume) one experiment; returns the summary also written to `summary.json`."""
+    started = time.time()
+    run_dir, existing = _prepare_run_dir(cfg)
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    models = _build_models(cfg)
+    for role, model in [("teacher", models.teacher)] + [(f"students[{i}]", m) for i, m in enumerate(models.students)]:
+        if data.vocab_size > model.cfg.vocab_size:
+            raise ConfigError(f"{role}.model.vocab_size={model.cfg.vocab_size}: the tokenizer has "
+                              f"{data.vocab_size} tokens; the model needs at least as many")
+    mesh = make_mesh(cfg.mesh)
+    check_batch_divides(cfg.data.batch_size, cfg.train.grad_accum, mesh)
+    plan = _plan(cfg, models)
+    state = _initial_state(plan, models)
+    del models
+    state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
+    state = jax.device_put(state, state_sharding)
+    micro_sharding = batch_sharding(mesh, micro_batched=True)
+    warmup = cfg.teacher.warmup_steps
+
+    def compiled(with_students: bool):
+        fn = lambda s, b: train_step(plan, s, b, with_students=with_students, student_step_offset=warmup)  # noqa
+        return jax.jit(fn, in_shardings=(state_sharding, micro_sharding), out_shardings=(state_sharding, None),
+                       donate_argnums=(0,))
+
+    full_step = compiled(True)
+    teacher_step = compiled(False) if warmup else None
+    evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, batch_sharding(mesh)))
+
+    checkpoints = Checkpoints(run_dir, keep=cfg.train.keep_checkpoints)
+    iterator = data.train_iterator()
+    start = 0
+    latest = checkpoints.latest_step() if existing else None
+    if latest is not None:
+        state, meta = checkpoints.restore(latest, abstract_like(state))
+        iterator.restore(meta["data"])
+        start = int(meta["step"])
+    validation = data.validation_batches(cfg.train.eval_batches or None)
+
+    def run_eval() -> dict[str, float]:
+        sums: dict[str, float] = {}
+        for batch in validation:
+            out = jax.device_get(evaluate(state, jax.device_put(batch, batch_sharding(mesh))))
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return eval_metrics(sums)
+
+    steps = cfg.train.steps
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    logger = RunLogger(run_dir, hparams=_hparams(cfg), enabled=jax.process_index() == 0,
+                       resume_step=start if latest is not None else None)
+    progress = Progress(total=steps, start=start, enabled=jax.process_index() == 0)
+    if start == 0:
+        logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
+    last_eval: dict[str, float] = {}
+    status = "completed"
+    window_start, window_steps = time.time(), 0
+    try:
+        for step in range(start, steps):
+            batch = _to_device(next(iterator), micro_sharding, cfg.train.grad_accum)
+            step_fn = teacher_step if step < warmup else full_step
+            state, metrics = step_fn(state, batch)
+            window_steps += 1
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == steps:
+                scalars, arrays = _scalars(metrics)
+                elapsed = time.time() - window_start
+                scalars["perf/tokens_per_second"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                scalars["perf/step_seconds"] = elapsed / window_steps
+                window_start, window_steps = time.time(), 0
+                for tag, values in arrays.items():
+                    for layer, load in enumerate(values if values.ndim == 2 else [values]):
+                        logger.log_histogram(done, f"{tag}/layer{layer}", load)
+                    if values.size:
+                        scalars[f"{tag}_max"] = float(values.max() * values.shape[-1])
+                logger.log(done, scalars)
+                progress.update(done, scalars)
+            if done % cfg.train.eval_every == 0 or done == steps:
+                last_eval = run_eval()
+                logger.log(done, last_eval)
+                progress.note(done, last_eval)
+            if done % cfg.train.checkpoint_every == 0 or done == steps:
+                checkpoints.save(done, state, {"step": done, "data": iterator.state()})
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        checkpoints.close()
+        progress.close()
+        summary = _summary(cfg, status, last_eval, time.time() - started, start)
+        if jax.process_index() == 0:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.finish({k: v for k, v in last_eval.items()})
+        logger.close()
+    if jax.process_index() == 0:
+        print(format_table(summary))
+    return summary
+
+
+def _summary(cfg: Config, status: str, last_eval: dict, wall: float, resumed_from: int) -> dict:
+    models = {"teacher": last_eval.get("eval/teacher/bpb")}
+    for s in cfg.students:
+        models[s.name] = last_eval.get(f"eval/student/{s.name}/bpb")
+    return {"status": status, "run_dir": str(cfg.run.path), "steps": cfg.train.steps, "resumed_from": resumed_from,
+            "wall_seconds": wall, "bpb": models, "controls": [s.name for s in cfg.students if s.control],
+            "final": last_eval}
+
+
+def format_table(summary: dict) -> str:
+    """Validation bits per byte of every model, and each distilled student against the control."""
+    bpb = summary["bpb"]
+    controls = [name for name in summary["controls"] if bpb.get(name) is not None]
+    lines = [f"{'model':<20} {'val bpb':>9}  vs control", "-" * 44]
+    for name, value in bpb.items():
+        cell = "" if value is None else f"{value:9.4f}"
+        versus = ""
+        if controls and name not in controls and name != "teacher" and value is not None:
+            ref = bpb[controls[0]]
+            versus = f"{(value - ref) / ref * 100:+.1f}% ({'better' if value < ref else 'worse'})"
+        lines.append(f"{name:<20} {cell:>9}  {versus}")
+    return "\n".join(lines)
+
+
