@@ -14,11 +14,11 @@ def load_config(path=None, overrides=None, **keywords):
     return _load(path, overrides, **keywords)
 
 
-def run(cfg):
+def run(cfg, *, stop_after=None):
     """Run (or resume) the experiment `cfg`; returns the summary dict (see `distill.trainer.run`)."""
     from distill.trainer import run as _run
 
-    return _run(cfg)
+    return _run(cfg, stop_after=stop_after)
 
 
 __all__ = ["ModelConfig", "ModelOutput", "Transformer", "build_model", "load_config", "run"]

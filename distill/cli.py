@@ -26,8 +26,8 @@ def _run(args: argparse.Namespace) -> int:
     from distill.config import load_config
     from distill.trainer import run
 
-    run(load_config(args.config, args.overrides))
-    return 0
+    summary = run(load_config(args.config, args.overrides), stop_after=args.stop_after)
+    return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) one experiment from a YAML config")
     run.add_argument("config", help="the experiment's YAML file, e.g. experiments/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 run.dir=runs/r1")
+    run.add_argument("--stop-after", type=int, default=None, metavar="N",
+                     help="stop after N steps with a checkpoint; running the command again resumes")
     run.set_defaults(handler=_run)
     bench = commands.add_parser("bench", help="run a benchmark script from experiments/bench and print its tables")
     bench.add_argument("name", help="benchmark name, e.g. model or losses")

@@ -187,23 +187,25 @@ def _target_after(plan: StepPlan, target, new_teacher_params, step):
     return None
 
 
-def _mean_over_micro(tree):
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+def _sum_over_micro(tree):
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 
 def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students: bool = True,
                student_step_offset: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step of the teacher (if it trains) and, `with_students`, of every student.
 
-    `batch` holds the global batch as micro-batches `[grad_accum, rows, seq]`, whose gradients are
-    averaged. `student_step_offset` (the teacher warm-up) is subtracted from the
+    `batch` holds the global batch as micro-batches `[grad_accum, rows, seq]`. Each micro-batch's
+    gradients and metrics are weighted by its share of the unmasked tokens, so accumulation equals
+    one step on the whole batch (for the token-mean losses). `student_step_offset` (the teacher warm-up) is subtracted from the
     step for the students' weighting schedules.
     """
     teacher_trains = plan.teacher_tx is not None
     students = plan.students if with_students else ()
     student_step = state.step - student_step_offset
 
-    def micro(carry, mb):
+    def micro(carry, xs):
+        mb, weight = xs  # weight: this micro-batch's share of the step's tokens
         teacher_grads, student_grads = carry
         if teacher_trains:
             def teacher_forward(params):
@@ -228,7 +230,7 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
             (_, (metrics, load, logits)), grads = grad_fn(
                 s_state.params, sp, mb, target_logits, target_router, student_step)
-            new_student_grads.append(jax.tree.map(jnp.add, acc, grads))
+            new_student_grads.append(jax.tree.map(lambda a, g: a + weight * g, acc, grads))
             student_metrics.append((metrics, load))
             student_logits.append(logits)
 
@@ -239,26 +241,26 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
                 (*outs, t_indices), mb, plan.teacher, plan.teacher_experts, student_logits)
             (_, loss_metrics), cotangent = jax.value_and_grad(loss_fn, has_aux=True)((t_logits, t_router))
             (grads,) = pullback(cotangent)
-            teacher_grads = jax.tree.map(jnp.add, teacher_grads, grads)
+            teacher_grads = jax.tree.map(lambda a, g: a + weight * g, teacher_grads, grads)
             t_metrics.update(loss_metrics)
         else:
             t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mb["mask"] > 0),
                                                 mb["mask"] > 0)
-        return (teacher_grads, tuple(new_student_grads)), (t_metrics, teacher_load, tuple(student_metrics))
+        weigh = lambda tree: jax.tree.map(lambda x: weight * x, tree)  # noqa: E731
+        return (teacher_grads, tuple(new_student_grads)), weigh((t_metrics, teacher_load, tuple(student_metrics)))
 
     zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
     init = (zeros(state.teacher.params) if teacher_trains else None,
             tuple(zeros(s.params) for s in state.students[:len(students)]))
-    (teacher_grads, student_grads), (t_metrics, t_load, s_metrics) = jax.lax.scan(
-        micro, init, batch)
-    scale = 1.0 / plan.grad_accum
-    metrics = {f"teacher/{k}": v for k, v in _mean_over_micro(t_metrics).items()}
-    metrics["teacher/expert_load"] = jnp.mean(t_load, axis=0)
+    tokens = jnp.sum(batch["mask"], axis=tuple(range(1, batch["mask"].ndim)))
+    weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
+    (teacher_grads, student_grads), (t_metrics, t_load, s_metrics) = jax.lax.scan(micro, init, (batch, weights))
+    metrics = {f"teacher/{k}": v for k, v in _sum_over_micro(t_metrics).items()}
+    metrics["teacher/expert_load"] = jnp.sum(t_load, axis=0)
 
     teacher, target = state.teacher, state.target
     if teacher_trains:
-        teacher_grads = jax.tree.map(lambda g: g * scale, teacher_grads)
-        metrics["teacher/grad_norm"] = optax.global_norm(teacher_grads)
+        metrics["teacher/grad_norm"] = optax.tree.norm(teacher_grads)
         params, opt_state = _apply(plan.teacher_tx, teacher.params, teacher.opt_state, teacher_grads)
         teacher = ModelState(params=params, opt_state=opt_state)
         metrics["teacher/lr"] = current_lr(opt_state)
@@ -267,12 +269,11 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
 
     new_students = list(state.students)
     for i, (sp, grads) in enumerate(zip(students, student_grads)):
-        grads = jax.tree.map(lambda g: g * scale, grads)
         prefix = f"student/{sp.name}/"
         scalars, load = s_metrics[i]
-        metrics.update({prefix + k: v for k, v in _mean_over_micro(scalars).items()})
-        metrics[prefix + "expert_load"] = jnp.mean(load, axis=0)
-        metrics[prefix + "grad_norm"] = optax.global_norm(grads)
+        metrics.update({prefix + k: v for k, v in _sum_over_micro(scalars).items()})
+        metrics[prefix + "expert_load"] = jnp.sum(load, axis=0)
+        metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
         params, opt_state = _apply(sp.tx, state.students[i].params, state.students[i].opt_state, grads)
         new_students[i] = ModelState(params=params, opt_state=opt_state)
         metrics[prefix + "lr"] = current_lr(opt_state)

@@ -131,8 +131,12 @@ def _scalars(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     return scalars, arrays
 
 
-def run(cfg: Config) -> dict:
-    """Run (or resume) one experiment; returns the summary also written to `summary.json`."""
+def run(cfg: Config, *, stop_after: int | None = None) -> dict:
+    """Run (or resume) one experiment; returns the summary also written to `summary.json`.
+
+    `stop_after`: stop after this many steps of this invocation with a checkpoint (status
+    "stopped"), as a preemption would; running again resumes.
+    """
     started = time.time()
     run_dir, existing = _prepare_run_dir(cfg)
     data = build_data(cfg.data, seed=cfg.train.seed)
@@ -212,8 +216,12 @@ def run(cfg: Config) -> dict:
                 last_eval = run_eval()
                 logger.log(done, last_eval)
                 progress.note(done, last_eval)
-            if done % cfg.train.checkpoint_every == 0 or done == steps:
+            stopping = stop_after is not None and done - start >= stop_after and done < steps
+            if done % cfg.train.checkpoint_every == 0 or done == steps or stopping:
                 checkpoints.save(done, state, {"step": done, "data": iterator.state()})
+            if stopping:
+                status = "stopped"
+                break
     except KeyboardInterrupt:
         status = "interrupted"
         raise

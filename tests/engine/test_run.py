@@ -1,0 +1,120 @@
+"""End-to-end runs of the tiny config: CLI, run directory contract, resume, teacher modes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import yaml
+
+import distill
+from distill.logging import read_metrics_jsonl, read_scalars
+from distill.model import ConfigError
+
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+def tiny(run_dir: Path, **overrides):
+    return distill.load_config(TINY, [f"run.dir={run_dir}"] + [f"{k}={v}" for k, v in overrides.items()])
+
+
+def restore_raw(run_dir: Path, step: int | None = None) -> dict:
+    with ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+
+
+def leaves(tree) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_cli_run_writes_the_run_directory_contract(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(TINY), f"run.dir={run_dir}"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "vs control" in result.stdout and "distilled" in result.stdout
+    assert (run_dir / "config.yaml").is_file()
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 10 and resolved["students"][1]["control"] is True
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and set(summary["bpb"]) == {"teacher", "distilled", "control"}
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "5"]
+    lines = read_metrics_jsonl(run_dir)
+    assert [line["step"] for line in lines if "teacher/ce" in line] == [2, 4, 6, 8, 10]
+    tags = set().union(*lines)
+    for name in ("distilled", "control"):
+        for metric in ("ce", "kd", "loss", "alpha"):
+            assert f"student/{name}/{metric}" in tags
+        assert f"eval/student/{name}/bpb" in tags
+    assert "eval/teacher/bpb" in tags
+    scalars = read_scalars(run_dir)
+    assert [step for step, _ in scalars["student/distilled/kd"]] == [4, 6, 8, 10]  # after the teacher warm-up
+    assert [step for step, _ in scalars["eval/student/control/bpb"]] == [5, 10]
+    assert not [p for p in run_dir.iterdir() if p.is_dir() and p.name != "checkpoints"]  # no stray TB sub-runs
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    whole = distill.run(tiny(tmp_path / "whole"))
+    first = distill.run(tiny(tmp_path / "split"), stop_after=4)
+    assert first["status"] == "stopped"
+    second = distill.run(tiny(tmp_path / "split"))
+    assert second["resumed_from"] == 4 and second["status"] == "completed"
+    for a, b in zip(leaves(restore_raw(tmp_path / "whole")), leaves(restore_raw(tmp_path / "split")), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit on CPU
+    assert whole["final"] == second["final"]
+    strip = lambda lines: [{k: v for k, v in line.items() if not k.startswith("perf/")} for line in lines]  # noqa
+    assert strip(read_metrics_jsonl(tmp_path / "whole")) == strip(read_metrics_jsonl(tmp_path / "split"))
+
+
+def test_frozen_teacher_gets_no_updates(tmp_path):
+    cfg = tiny(tmp_path / "frozen", **{"teacher.trainable": "false", "teacher.warmup_steps": 0})
+    distill.run(cfg)
+    saved = restore_raw(tmp_path / "frozen")
+    fresh = distill.build_model(cfg.teacher_model(), seed=cfg.train.seed)
+    from flax import nnx
+    for a, b in zip(leaves(nnx.to_pure_dict(nnx.state(fresh, nnx.Param))), leaves(saved["teacher"]["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert saved["teacher"]["opt_state"] is None
+
+
+def test_teacher_from_a_run_is_that_runs_teacher(tmp_path):
+    distill.run(tiny(tmp_path / "source"))
+    cfg = tiny(tmp_path / "reuse", **{"teacher.source": "run", "teacher.path": str(tmp_path / "source"),
+                                      "teacher.warmup_steps": 0, "train.steps": 4})
+    assert cfg.teacher.trains is False
+    distill.run(cfg)
+    for a, b in zip(leaves(restore_raw(tmp_path / "source")["teacher"]["params"]),
+                    leaves(restore_raw(tmp_path / "reuse")["teacher"]["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_directory_with_another_config_is_refused(tmp_path):
+    distill.run(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0}))
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match="different config.*loss.temperature"):
+        distill.run(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0, "loss.temperature": 2.0}))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+
+
+def test_notebook_style_python_api(tmp_path):
+    cfg = distill.load_config(TINY, steps=4, teacher__warmup_steps=0, **{"run.dir": str(tmp_path / "nb")})
+    assert cfg.train.steps == 4 and cfg.run.path == tmp_path / "nb"
+    summary = distill.run(cfg)
+    assert summary["status"] == "completed" and summary["bpb"]["distilled"] > 0
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(TINY), "train.stpes=3",
+                             f"run.dir={tmp_path / 'x'}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "train.stpes: unknown key. Did you mean 'steps'?" in result.stderr
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,121 @@
+"""The pure step on a tiny config: loss mixing, control isolation, teacher targets, accumulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distill
+import losses
+from distill.data import build_data
+from distill.step import eval_metrics, eval_step, train_step
+from distill.trainer import _build_models, _initial_state, _plan
+
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+def setup(**overrides):
+    cfg = distill.load_config(TINY, [f"{k}={v}" for k, v in overrides.items()])
+    models = _build_models(cfg)
+    plan = _plan(cfg, models)
+    state = _initial_state(plan, models)
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    batch = next(data.train_iterator())
+    micro = {k: jnp.asarray(v.reshape(cfg.train.grad_accum, -1, *v.shape[1:])) for k, v in batch.items()}
+    return cfg, models, plan, state, micro
+
+
+def step(plan, state, batch, **kw):
+    return jax.jit(lambda s, b: train_step(plan, s, b, **kw))(state, batch)
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_loss_is_ce_at_alpha_0_and_kd_at_alpha_1(alpha):
+    _, _, plan, state, batch = setup(**{"loss.weighting.alpha": alpha, "loss.weighting.alpha_end": alpha})
+    _, metrics = step(plan, state, batch)
+    expected = metrics["student/distilled/ce"] if alpha == 0.0 else metrics["student/distilled/kd"]
+    np.testing.assert_allclose(metrics["student/distilled/loss"], expected, rtol=1e-6)
+    np.testing.assert_allclose(metrics["student/distilled/alpha"], alpha)
+
+
+def test_control_student_loss_is_plain_ce_and_ignores_the_teacher():
+    cfg, models, plan, state, batch = setup(**{"optim.warmup_steps": 0})  # a first step with lr > 0
+    new_state, metrics = step(plan, state, batch)
+    out = models.students[1](batch["tokens"][0], positions=batch["positions"][0], segment_ids=batch["segment_ids"][0])
+    mask = batch["mask"][0] > 0
+    ce = losses.token_mean(losses.cross_entropy(out.logits, batch["labels"][0], mask=mask), mask)
+    np.testing.assert_allclose(metrics["student/control/loss"], ce, rtol=1e-5)
+    # A different teacher changes the distilled student's update, never the control's.
+    other = state.replace(teacher=state.teacher.replace(
+        params=jax.tree.map(lambda p: p + 0.1, state.teacher.params)))
+    other_state, _ = step(plan, other, batch)
+    for a, b in zip(leaves(new_state.students[1].params), leaves(other_state.students[1].params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(new_state.students[0].params),
+                                                         leaves(other_state.students[0].params)))
+
+
+def test_teacher_is_not_updated_by_student_losses():
+    """Student losses add nothing to the teacher's gradient (its logits are stop-gradient)."""
+    _, _, plan, state, batch = setup()
+    _, with_students = step(plan, state, batch)
+    _, teacher_only = step(plan, state, batch, with_students=False)
+    np.testing.assert_allclose(with_students["teacher/grad_norm"], teacher_only["teacher/grad_norm"], rtol=1e-6)
+
+
+def test_mutual_term_moves_the_teacher():
+    _, _, plan, state, batch = setup(**{"teacher.mutual_weight": 0.5})
+    _, with_students = step(plan, state, batch)
+    _, teacher_only = step(plan, state, batch, with_students=False)
+    assert with_students["teacher/mutual"] > 0
+    assert abs(float(with_students["teacher/grad_norm"]) - float(teacher_only["teacher/grad_norm"])) > 1e-6
+
+
+@pytest.mark.parametrize("target", ["ema", "stale"])
+def test_distillation_target_follows_the_teacher(target):
+    _, _, plan, state, batch = setup(**{"teacher.target": target, "teacher.ema_decay": 0.5,
+                                        "teacher.refresh_every": 2})
+    s1, _ = step(plan, state, batch)
+    s2, _ = step(plan, s1, batch)
+    if target == "ema":
+        expected = jax.tree.map(lambda t, p: 0.5 * t + 0.5 * p, state.target, s1.teacher.params)
+        for a, b in zip(leaves(s1.target), leaves(expected), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    else:
+        for a, b in zip(leaves(s1.target), leaves(state.teacher.params), strict=True):  # not refreshed at step 1
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(leaves(s2.target), leaves(s2.teacher.params), strict=True):  # refreshed at step 2
+            np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    # The load-balancing loss is not a token mean (a product of batch statistics): switched off here.
+    no_balance = {"loss.load_balance_weight": 0, "teacher.load_balance_weight": 0}
+    _, _, plan1, state1, batch1 = setup(**no_balance)
+    _, _, plan2, state2, _ = setup(**no_balance, **{"train.grad_accum": 2})
+    batch1["mask"] = batch1["mask"].at[0, 0, :20].set(0.0)  # unequal token shares: the weighting matters
+    batch2 = {k: v.reshape(2, -1, *v.shape[2:]) for k, v in batch1.items()}
+    assert batch2["mask"][0].sum() != batch2["mask"][1].sum()
+    _, m1 = step(plan1, state1, batch1)
+    _, m2 = step(plan2, state2, batch2)
+    for key in ("teacher/ce", "teacher/grad_norm", "student/distilled/ce", "student/distilled/kd",
+                "student/distilled/grad_norm", "student/control/grad_norm"):
+        np.testing.assert_allclose(m1[key], m2[key], rtol=2e-5, err_msg=key)
+
+
+def test_eval_metrics_are_bits_per_byte():
+    _, _, plan, state, batch = setup()
+    flat = {k: v[0] for k, v in batch.items()}
+    sums = {k: float(v) for k, v in jax.device_get(eval_step(plan, state, flat)).items()}
+    metrics = eval_metrics(sums)
+    np.testing.assert_allclose(metrics["eval/teacher/bpb"], sums["teacher/nats"] / sums["tokens"] / np.log(2))
+    assert 0 <= metrics["eval/student/control/top1_agreement"] <= 1
+    assert metrics["eval/student/distilled/kl"] >= 0
