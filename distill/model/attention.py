@@ -12,14 +12,15 @@ from distill.model.rope import apply_rotary
 
 
 def attention_mask(positions_bs: jax.Array, segment_ids_bs: jax.Array | None, chunk_size: int | None) -> jax.Array:
-    """Boolean `[B, 1, S, S]`: causal, within a segment, and within a chunk when `chunk_size` is set."""
-    q = positions_bs[:, :, None]
-    k = positions_bs[:, None, :]
-    mask = k <= q
+    """Boolean `[B, 1, S, S]`: causal by sequence index, within a segment, and within a chunk of
+    positions when `chunk_size` is set (positions restart per packed document, so chunks do too)."""
+    s = positions_bs.shape[1]
+    index = jnp.arange(s)
+    mask = jnp.broadcast_to(index[None, :] <= index[:, None], (positions_bs.shape[0], s, s))
     if segment_ids_bs is not None:
         mask &= segment_ids_bs[:, :, None] == segment_ids_bs[:, None, :]
     if chunk_size is not None:
-        mask &= (q // chunk_size) == (k // chunk_size)
+        mask &= (positions_bs[:, :, None] // chunk_size) == (positions_bs[:, None, :] // chunk_size)
     return mask[:, None]
 
 

@@ -69,7 +69,7 @@ class ModelConfig:
     router: Literal["llama4", "softmax"] = "llama4"
     # llama4: top-k of the logits, sigmoid scores, the score scales the expert's INPUT.
     # softmax: Mixtral/Switch form, softmax over experts, top-k, weights scale the OUTPUT.
-    router_renormalize: bool = True  # softmax router only: top-k weights renormalised to sum 1
+    router_renormalize: bool = True  # softmax router, k > 1: top-k weights renormalised to sum 1 (Mixtral)
     dispatch: Literal["auto", "sorted", "ragged", "dense", "capacity"] = "auto"
     # auto: `sorted` on CPU, `ragged` (jax.lax.ragged_dot) on GPU/TPU. `sorted` and `ragged` are
     # dropless with cost growing with active parameters; `dense` runs every expert on every token
