@@ -1,0 +1,70 @@
+"""Run-config loading, overrides and validation errors (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import distill
+from distill.config import build_config, load_config
+from distill.model import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = Path(__file__).with_name("tiny.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")) + [TINY], ids=lambda p: p.name)
+def test_every_config_file_loads(path):
+    cfg = load_config(path)
+    assert cfg.students and cfg.teacher_model().vocab_size == cfg.student_model(0).vocab_size
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=3", "train.stpes: unknown key. Did you mean 'steps'?"),
+    ("trian.steps=3", "trian: unknown key. Did you mean 'train'?"),
+    ("loss.weighting.shedule=cosine", "loss.weighting.shedule: unknown key. Did you mean 'schedule'?"),
+    ("train.steps=many", "train.steps='many': expected an integer"),
+    ("teacher.target=average", "teacher.target='average': allowed values are live, ema, stale"),
+    ("loss.kd=kl", "kd='kl': allowed values are"),
+    ("optim.learning_rate=-1", "learning_rate=-1.0: must be > 0"),
+    ("students.0.model.num_key_value_heads=3", "num_key_value_heads=3: must divide num_attention_heads"),
+    ("students.0.model.vocab_size=300", "students[0].model.vocab_size=300: differs from the teacher's 256"),
+    ("data.seq_len=100000", "data.seq_len=100000: longer than teacher.model.max_position_embeddings"),
+    ("teacher.source=hf", "teacher.path: required when teacher.source is 'hf'"),
+    ("students.5.name=x", "students.5: list index out of range"),
+    ("train.grad_accum=3", "train.grad_accum=3: must divide data.batch_size"),
+    ("teacher.preset=llama5", "teacher preset 'llama5' is unknown"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(TINY, [override])
+    assert message in str(error.value)
+
+
+def test_keyword_overrides_resolve_unique_field_names():
+    cfg = distill.load_config(TINY, steps=7, teacher__warmup_steps=1, **{"loss.temperature": 2.0})
+    assert (cfg.train.steps, cfg.teacher.warmup_steps, cfg.loss.temperature) == (7, 1, 2.0)
+    with pytest.raises(ConfigError, match="warmup_steps: ambiguous, a field of teacher, optim"):
+        distill.load_config(TINY, warmup_steps=1)
+    with pytest.raises(ConfigError, match="nonsense: not a field of any section"):
+        distill.load_config(TINY, nonsense=1)
+
+
+def test_student_shorthand_and_list_overrides():
+    cfg = build_config({"student": {"name": "solo", "preset": "cpu-student-tiny"}}, ["student.control=true"])
+    assert [s.name for s in cfg.students] == ["solo"] and cfg.students[0].control
+    cfg = load_config(TINY, ["students.1.name=baseline"])
+    assert [s.name for s in cfg.students] == ["distilled", "baseline"]
+    with pytest.raises(ConfigError, match="give one of them"):
+        build_config({"student": {}, "students": [{}]})
+
+
+def test_duplicate_student_names_are_refused():
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_config(TINY, ["students.1.name=distilled"])
+
+
+def test_resolved_config_round_trips():
+    cfg = load_config(TINY)
+    assert build_config(cfg.to_dict()) == cfg
