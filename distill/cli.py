@@ -30,6 +30,39 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if summary["status"] in ("completed", "stopped") else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from distill.runs import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, max_batches=args.batches)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from distill.hf import to_hf
+    from distill.runs import load_models
+
+    cfg, step, teacher, students = load_models(args.run_dir)
+    name = args.model or next((s.name for s in cfg.students if not s.control), cfg.students[0].name)
+    if name != "teacher" and name not in students:
+        print(f"distill export: --model {name!r} is not in the run; choose teacher or one of "
+              f"{', '.join(students)}", file=sys.stderr)
+        return 2
+    out = to_hf(teacher if name == "teacher" else students[name], args.hf)
+    print(f"exported {name} (step {step}) to {out}: Llama4ForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from distill.hf import import_to_run_dir
+
+    out = import_to_run_dir(args.hf_dir, args.out, allow_pickle=args.allow_pickle)
+    print(f"imported {args.hf_dir} to {out}: use it as teacher.source=run teacher.path={out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-after", type=int, default=None, metavar="N",
                      help="stop after N steps with a checkpoint; running the command again resumes")
     run.set_defaults(handler=_run)
+    evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint on its validation split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--batches", type=int, default=None, help="at most this many validation batches")
+    evaluate.set_defaults(handler=_eval)
+    export = commands.add_parser("export", help="write a run's student (or teacher) as a transformers checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("--hf", required=True, metavar="OUT", help="output directory (must be new or empty)")
+    export.add_argument("--model", default=None, help="student name or 'teacher' (default: the first "
+                                                      "non-control student)")
+    export.set_defaults(handler=_export)
+    import_hf = commands.add_parser("import-hf", help="turn a transformers Llama 4 directory into a teacher "
+                                                      "run directory (orbax checkpoint + config)")
+    import_hf.add_argument("hf_dir")
+    import_hf.add_argument("out")
+    import_hf.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle weights (trusted only)")
+    import_hf.set_defaults(handler=_import_hf)
     bench = commands.add_parser("bench", help="run a benchmark script from experiments/bench and print its tables")
     bench.add_argument("name", help="benchmark name, e.g. model or losses")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -52,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
+    except (ConfigError, FileExistsError) as error:
         print(f"distill {args.command}: {error}", file=sys.stderr)
         return 2
 

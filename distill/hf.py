@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.model import ModelConfig, RopeScaling, Transformer, build_model
+from distill.model import ConfigError, ModelConfig, RopeScaling, Transformer, build_model
 from distill.model.layout import assign_canonical_params, canonical_params
 
 
-class HFConversionError(ValueError):
+class HFConversionError(ConfigError):
     """A Hugging Face checkpoint or config cannot be converted; the message names what and why."""
 
 
@@ -275,4 +275,26 @@ def to_hf(model: Transformer, out_dir, *, overwrite: bool = False) -> Path:
     state = params_to_hf_state(model.cfg, canonical_params(model))
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_config.save_pretrained(str(out))
+    return out
+
+
+def import_to_run_dir(hf_dir, out_dir, *, allow_pickle: bool = False) -> Path:
+    """Convert a HF directory once into a teacher run directory (config.yaml + orbax checkpoint 0),
+    usable as `teacher.source: run, teacher.path: OUT` without torch at training time."""
+    import orbax.checkpoint as ocp
+    import yaml
+    from flax import nnx
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} is not empty; choose a new directory")
+    model = from_hf(hf_dir, allow_pickle=allow_pickle)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"teacher": {"preset": None, "model": model.cfg.to_dict()}, "imported_from": str(Path(hf_dir).absolute())}
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    state = {"teacher": {"params": nnx.state(model, nnx.Param)}}
+    with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave({"step": 0, "imported_from": str(hf_dir)})))
+        manager.wait_until_finished()
     return out

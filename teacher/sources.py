@@ -4,44 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import orbax.checkpoint as ocp
 import yaml
-from flax import nnx
 
 from distill.model import ConfigError, ModelConfig, Transformer, build_model
 
 
 def teacher_from_run(run_dir: str | Path, cfg: ModelConfig) -> Transformer:
-    """The teacher of another run, from its latest checkpoint (its config must match `cfg`'s shapes)."""
-    run_dir = Path(run_dir)
-    ckpt_dir = (run_dir / "checkpoints").absolute()
-    if not (run_dir / "config.yaml").is_file() or not ckpt_dir.is_dir():
-        raise ConfigError(f"teacher.path={str(run_dir)!r}: not a run directory (needs config.yaml and checkpoints/)")
-    with ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        step = manager.latest_step()
-        if step is None:
-            raise ConfigError(f"teacher.path={str(run_dir)!r}: the run has no checkpoint yet")
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    params = restored.state["teacher"]["params"]
-    model = build_model(cfg)
-    state = nnx.state(model, nnx.Param)
-    try:
-        nnx.replace_by_pure_dict(state, _strip_value_keys(params))
-    except (KeyError, ValueError) as error:
-        raise ConfigError(f"teacher.path={str(run_dir)!r}: its teacher does not match teacher.model ({error}); "
-                          "use the same preset and model fields as that run") from None
-    nnx.update(model, state)
-    return model
+    """The teacher of another run, from its latest checkpoint."""
+    from distill.runs import checkpoint_tree, model_with_params
 
-
-def _strip_value_keys(tree):
-    """orbax restores nnx.State leaves as {'value': array}; pure dicts have the arrays themselves."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return np.asarray(tree["value"])
-        return {k: _strip_value_keys(v) for k, v in tree.items()}
-    return tree
+    _, tree = checkpoint_tree(run_dir)
+    return model_with_params(cfg, tree["teacher"]["params"], f"teacher.path={str(run_dir)!r}")
 
 
 def teacher_model_config(source: str, path: str | None, preset: str | None, overrides: dict) -> ModelConfig:
@@ -57,9 +30,13 @@ def teacher_model_config(source: str, path: str | None, preset: str | None, over
         config_file = Path(path) / "config.yaml"
         if not config_file.is_file():
             raise ConfigError(f"teacher.path={path!r}: no config.yaml; expected a distill run directory")
-        from distill.config import build_config
+        from distill.config import TeacherConfig
 
-        base = build_config(yaml.safe_load(config_file.read_text())).teacher_model().to_dict()
+        raw = yaml.safe_load(config_file.read_text()) or {}
+        if "teacher" not in raw:
+            raise ConfigError(f"teacher.path={path!r}: its config.yaml has no teacher section")
+        other = from_dict(TeacherConfig, raw["teacher"], f"{path}: teacher")
+        base = teacher_model_config(other.source, other.path, other.preset, other.model).to_dict()
     else:
         import json
 

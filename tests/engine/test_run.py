@@ -118,3 +118,42 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path):
     assert result.returncode == 2
     assert "train.stpes: unknown key. Did you mean 'steps'?" in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_export_and_import_hf_commands(tmp_path):
+    from transformers import Llama4ForCausalLM
+
+    from distill import hf
+
+    run_dir = tmp_path / "run"
+    summary = distill.run(tiny(run_dir, **{"train.steps": 4, "teacher.warmup_steps": 0}))
+    cli = [sys.executable, "-m", "distill.cli"]
+    result = subprocess.run(cli + ["eval", str(run_dir)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["step"] == 4
+    assert metrics["eval/student/distilled/bpb"] == pytest.approx(summary["bpb"]["distilled"], rel=1e-6)
+
+    result = subprocess.run(cli + ["export", str(run_dir), "--hf", str(tmp_path / "hf")], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = Llama4ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.config.hidden_size == 16  # the distilled student
+    again = subprocess.run(cli + ["export", str(run_dir), "--hf", str(tmp_path / "hf")], capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 2 and "not empty" in again.stderr
+
+    result = subprocess.run(cli + ["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # The imported directory is a teacher source; the exported student comes back as a frozen teacher.
+    student_model = distill.load_config(TINY).student_model(0)
+    cfg = tiny(tmp_path / "from-import", **{"teacher.source": "run", "teacher.path": str(tmp_path / "imported"),
+                                            "teacher.model": "{}", "teacher.warmup_steps": 0, "train.steps": 2})
+    assert cfg.teacher_model().hidden_size == student_model.hidden_size
+    distill.run(cfg)
+    reference = hf.from_hf(tmp_path / "hf")
+    for a, b in zip(leaves(restore_raw(tmp_path / "from-import")["teacher"]["params"]),
+                    leaves(restore_raw(tmp_path / "imported")["teacher"]["params"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert reference.cfg.hidden_size == 16
