@@ -222,6 +222,8 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
             if stopping:
                 status = "stopped"
                 break
+        if not last_eval:  # a finished run started again: report its final state
+            last_eval = run_eval()
     except KeyboardInterrupt:
         status = "interrupted"
         raise
