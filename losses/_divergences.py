@@ -1,0 +1,239 @@
+"""The per-token KD family: forward and reverse KL, generalized JSD, skew KLs, total variation.
+
+Notation: p_T = softmax(teacher_logits / T), p_S = softmax(student_logits / T). Every term is
+multiplied by T^2 (Hinton et al., 2015), is computed in float32 whatever the input dtype,
+returns one value per token (0 where `mask` is False) and treats the teacher as a constant (no
+gradient flows into `teacher_logits`). `teacher_logits` may be a dense array `[..., V_T]` or a
+`SparseTeacher` (top-k of the offline cache). Vocabularies that differ only by padding columns
+are aligned automatically; see `resolve_columns`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from losses._chunking import DEFAULT_CHUNK_SIZE
+from losses._common import clamp_nonnegative, kl_rows, hyperparameter, log_mixture
+from losses._kd import KDKind, kd_per_token
+from losses._vocab import SparseTeacher
+
+Teacher = jax.Array | SparseTeacher
+
+_COMMON_ARGS = """
+      temperature: T > 0; both logits are divided by it and the result multiplied by T^2. A
+        runtime value: changing it does not recompile, and it may be traced (scheduled).
+      mask: bool `[...]`, False for tokens that contribute nothing (padding); None keeps all.
+      vocab_size: the real vocabulary; columns at and beyond it (padding) are ignored in both.
+      vocab_map: int `[n]`, the teacher column of each student column (-1: none), for
+        vocabularies that differ by more than padding (dense teachers only).
+      chunk_size: tokens per chunk (peak memory O(chunk_size * vocab)); "auto" picks it from the
+        vocabulary size; None computes all tokens at once (naive autodiff)."""
+
+
+def _forward_kl(logp, logq, labels):
+    del labels
+    return clamp_nonnegative(kl_rows(logp, logq))
+
+
+def _reverse_kl(logp, logq, labels):
+    del labels
+    return clamp_nonnegative(kl_rows(logq, logp))
+
+
+def _jsd(logp, logq, labels, *, beta):
+    del labels
+    logm = log_mixture(logp, logq, beta)
+    return clamp_nonnegative(beta * kl_rows(logp, logm) + (1.0 - beta) * kl_rows(logq, logm))
+
+
+def _skew_kl(logp, logq, labels, *, lam):
+    del labels
+    return clamp_nonnegative(kl_rows(logp, log_mixture(logp, logq, lam)))
+
+
+def _skew_reverse_kl(logp, logq, labels, *, lam):
+    del labels
+    return clamp_nonnegative(kl_rows(logq, log_mixture(logq, logp, lam)))
+
+
+def _tvd(logp, logq, labels):
+    del labels
+    return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
+
+
+def _no_params() -> dict[str, Any]:
+    return {}
+
+
+def _jsd_params(beta=0.5) -> dict[str, Any]:
+    try:
+        return {"beta": hyperparameter("beta", beta, low=0.0, high=1.0, open_low=True, open_high=True)}
+    except ValueError as err:
+        raise ValueError(
+            f"{err}. At 0 and 1 the generalized JSD is identically 0 (near them it behaves like "
+            "beta * KL(p_T||p_S) and (1 - beta) * KL(p_S||p_T)); TRL substitutes forward KL at beta=0 "
+            "and reverse KL at beta=1: use kd='forward_kl' or 'reverse_kl'"
+        ) from None
+
+
+def _skew_params(lam=0.1) -> dict[str, Any]:
+    try:
+        return {"lam": hyperparameter("lam", lam, low=0.0, high=1.0, open_high=True)}
+    except ValueError as err:
+        raise ValueError(f"{err} (at 1 the skew KL is identically 0)") from None
+
+
+FORWARD_KL = KDKind(_forward_kl, _no_params)
+REVERSE_KL = KDKind(_reverse_kl, _no_params)
+JSD = KDKind(_jsd, _jsd_params)
+SKEW_KL = KDKind(_skew_kl, _skew_params)
+SKEW_REVERSE_KL = KDKind(_skew_reverse_kl, _skew_params)
+TVD = KDKind(_tvd, _no_params)
+
+
+def forward_kl(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: float = 1.0,
+               mask: jax.Array | None = None, vocab_size: int | None = None, vocab_map=None,
+               chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Forward KL, the classic KD term: T^2 * KL(p_T || p_S), mean-seeking.
+
+    Its gradient with respect to the student logits is T * (p_S - p_T).
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.{common}
+
+    Returns:
+      float32 `[...]`, one value per token.
+
+    References:
+      Hinton et al., Distilling the Knowledge in a Neural Network, 2015.
+      https://arxiv.org/abs/1503.02531
+    """
+    return kd_per_token(FORWARD_KL, student_logits, teacher_logits, params={}, temperature=temperature,
+                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+
+
+def reverse_kl(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: float = 1.0,
+               mask: jax.Array | None = None, vocab_size: int | None = None, vocab_map=None,
+               chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Reverse KL: T^2 * KL(p_S || p_T), mode-seeking.
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.{common}
+
+    Returns:
+      float32 `[...]`, one value per token.
+
+    References:
+      Gu et al., MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024.
+      https://arxiv.org/abs/2306.08543
+    """
+    return kd_per_token(REVERSE_KL, student_logits, teacher_logits, params={}, temperature=temperature,
+                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+
+
+def jsd(student_logits: jax.Array, teacher_logits: Teacher, *, beta: float = 0.5, temperature: float = 1.0,
+        mask: jax.Array | None = None, vocab_size: int | None = None, vocab_map=None,
+        chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Generalized Jensen-Shannon divergence of GKD, times T^2.
+
+    With m = beta * p_T + (1 - beta) * p_S:
+    JSD(beta) = beta * KL(p_T || m) + (1 - beta) * KL(p_S || m).
+    `beta = 0.5` is the symmetric Jensen-Shannon divergence. Near beta = 0 it behaves like
+    beta * KL(p_T || p_S) (forward), near 1 like (1 - beta) * KL(p_S || p_T) (reverse); at the
+    endpoints it is identically 0, so they are rejected. For 0 < beta < 1 and T = 1 it is, per
+    token, TRL's `GKDTrainer.generalized_jsd_loss(..., beta)` (current versions; TRL has no T^2
+    and substitutes forward / reverse KL at beta = 0 / 1). See docs/losses.md.
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.
+      beta: teacher weight of the mixture, in (0, 1).{common}
+
+    Returns:
+      float32 `[...]`, one value per token.
+
+    References:
+      Agarwal et al., On-Policy Distillation of Language Models: Learning from Self-Generated
+      Mistakes (GKD), ICLR 2024, eq. 1. https://arxiv.org/abs/2306.13649
+    """
+    return kd_per_token(JSD, student_logits, teacher_logits, params=_jsd_params(beta), temperature=temperature,
+                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+
+
+def skew_kl(student_logits: jax.Array, teacher_logits: Teacher, *, lam: float = 0.1, temperature: float = 1.0,
+            mask: jax.Array | None = None, vocab_size: int | None = None, vocab_map=None,
+            chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Skew forward KL of DistiLLM: T^2 * KL(p_T || lam * p_T + (1 - lam) * p_S).
+
+    lam = 0 is forward KL. DistiLLM's code returns the cross-entropy -sum p_T log m, which is this
+    value plus the teacher's entropy (a constant: same gradient); this one is a true divergence
+    (>= 0, 0 iff p_S = p_T).
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.
+      lam: skew, the teacher's weight in the mixture, in [0, 1); DistiLLM uses 0.1.{common}
+
+    Returns:
+      float32 `[...]`, one value per token.
+
+    References:
+      Ko et al., DistiLLM: Towards Streamlined Distillation for Large Language Models, ICML 2024.
+      https://arxiv.org/abs/2402.03898
+    """
+    return kd_per_token(SKEW_KL, student_logits, teacher_logits, params=_skew_params(lam), temperature=temperature,
+                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+
+
+def skew_reverse_kl(student_logits: jax.Array, teacher_logits: Teacher, *, lam: float = 0.1,
+                    temperature: float = 1.0, mask: jax.Array | None = None, vocab_size: int | None = None,
+                    vocab_map=None, chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Skew reverse KL of DistiLLM: T^2 * KL(p_S || lam * p_S + (1 - lam) * p_T).
+
+    lam = 0 is reverse KL.
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.
+      lam: skew, the student's weight in the mixture, in [0, 1); DistiLLM uses 0.1.{common}
+
+    Returns:
+      float32 `[...]`, one value per token.
+
+    References:
+      Ko et al., DistiLLM: Towards Streamlined Distillation for Large Language Models, ICML 2024.
+      https://arxiv.org/abs/2402.03898
+    """
+    return kd_per_token(SKEW_REVERSE_KL, student_logits, teacher_logits, params=_skew_params(lam),
+                        temperature=temperature, mask=mask, vocab_size=vocab_size, vocab_map=vocab_map,
+                        chunk_size=chunk_size)
+
+
+def tvd(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: float = 1.0,
+        mask: jax.Array | None = None, vocab_size: int | None = None, vocab_map=None,
+        chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Total variation distance: T^2 * 0.5 * sum_v |p_T(v) - p_S(v)|, in [0, T^2].
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.{common}
+
+    Returns:
+      float32 `[...]`, one value per token.
+
+    References:
+      Wen et al., f-Divergence Minimization for Sequence-Level Knowledge Distillation, ACL 2023.
+      https://arxiv.org/abs/2307.15190
+    """
+    return kd_per_token(TVD, student_logits, teacher_logits, params={}, temperature=temperature,
+                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+
+
+for _fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd):
+    _fn.__doc__ = _fn.__doc__.format(common=_COMMON_ARGS)
+del _fn

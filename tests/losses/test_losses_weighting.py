@@ -1,0 +1,150 @@
+"""The dynamic soft/hard weight a: config validation, schedules, difficulty formulas, properties."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import losses
+import losses_reference as ref
+from losses import WeightingConfig
+
+VOCAB = 37
+
+
+def logits(seed, shape, scale=3.0):
+    return np.random.default_rng(seed).normal(0.0, scale, shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "cosin"}, r"WeightingConfig.schedule: got 'cosin'; allowed: 'fixed', 'linear', 'cosine', 'step'"),
+    ({"difficulty": "entropy"}, r"WeightingConfig.difficulty: got 'entropy'; allowed: 'none', 'teacher_entropy'"),
+    ({"granularity": "batch"}, r"WeightingConfig.granularity: got 'batch'; allowed: 'token', 'sequence'"),
+    ({"alpha": 1.5}, r"WeightingConfig.alpha: got 1.5; must be in \[0.0, 1.0\]"),
+    ({"alpha_end": -0.1}, r"WeightingConfig.alpha_end: got -0.1"),
+    ({"schedule": "linear"}, r"WeightingConfig.schedule_steps: got 0; must be an int >= 1"),
+    ({"warmup_steps": 2.5}, r"WeightingConfig.warmup_steps: got 2.5; must be an int >= 0"),
+    ({"schedule": "step", "boundaries": (10,), "values": (0.1,)}, r"WeightingConfig.values: got 1 values for 1"),
+    ({"schedule": "step", "boundaries": (10, 5), "values": (0, 0, 0)}, r"WeightingConfig.boundaries: got \(10, 5\)"),
+    ({"schedule": "step", "boundaries": (10,), "values": (0, 1.2)}, r"WeightingConfig.values\[1\]: got 1.2"),
+    ({"entropy_low": 0.6, "entropy_high": 0.5}, r"WeightingConfig.entropy_high: got 0.5; must be in \(0.6, 1.0\]"),
+    ({"label_prob_power": 0}, r"WeightingConfig.label_prob_power: got 0"),
+    ({"confidence": 2}, r"WeightingConfig.confidence: got 2"),
+    ({"divergence_scale": 0.0}, r"WeightingConfig.divergence_scale: got 0.0"),
+    ({"alpha": "0.5"}, r"WeightingConfig.alpha: got '0.5'; must be a number"),
+])
+def test_config_errors_name_field_value_and_allowed(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        WeightingConfig(**kwargs)
+
+
+def test_config_is_frozen_hashable_and_accepts_yaml_lists():
+    config = WeightingConfig(schedule="step", boundaries=[10], values=[0.1, 0.9])
+    assert config.boundaries == (10,) and config.values == (0.1, 0.9)
+    assert hash(config) == hash(WeightingConfig(schedule="step", boundaries=(10,), values=(0.1, 0.9)))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.alpha = 0.3
+
+
+@pytest.mark.parametrize("config, step, expected", [
+    (WeightingConfig(alpha=0.3), 12345, 0.3),
+    (WeightingConfig(alpha=0.8, warmup_steps=10), 0, 0.0),
+    (WeightingConfig(alpha=0.8, warmup_steps=10), 5, 0.4),
+    (WeightingConfig(alpha=0.8, warmup_steps=10), 100, 0.8),
+    (WeightingConfig(schedule="linear", alpha=0.2, alpha_end=1.0, schedule_steps=100), 50, 0.6),
+    (WeightingConfig(schedule="linear", alpha=0.2, alpha_end=1.0, schedule_steps=100), 200, 1.0),
+    (WeightingConfig(schedule="cosine", alpha=1.0, alpha_end=0.0, warmup_steps=20, schedule_steps=100), 10, 0.5),
+    (WeightingConfig(schedule="cosine", alpha=1.0, alpha_end=0.0, warmup_steps=20, schedule_steps=100), 20, 1.0),
+    (WeightingConfig(schedule="cosine", alpha=1.0, alpha_end=0.0, warmup_steps=20, schedule_steps=100), 70, 0.5),
+    (WeightingConfig(schedule="cosine", alpha=1.0, alpha_end=0.0, warmup_steps=20, schedule_steps=100), 120, 0.0),
+    (WeightingConfig(schedule="step", boundaries=(10, 20), values=(0.0, 0.5, 1.0)), 9, 0.0),
+    (WeightingConfig(schedule="step", boundaries=(10, 20), values=(0.0, 0.5, 1.0)), 10, 0.5),
+    (WeightingConfig(schedule="step", boundaries=(10, 20), values=(0.0, 0.5, 1.0)), 25, 1.0),
+])
+def test_schedules(config, step, expected):
+    np.testing.assert_allclose(float(losses.schedule_alpha(config, step)), expected, atol=1e-6)
+    np.testing.assert_allclose(float(jax.jit(losses.schedule_alpha, static_argnums=0)(config, step)), expected,
+                               atol=1e-6)
+
+
+def numpy_difficulty(config, student, teacher, labels, mask):
+    logp = ref.log_softmax(teacher)
+    p = np.exp(logp)
+    p_label = np.take_along_axis(p, labels[..., None], -1)[..., 0]
+    if config.difficulty == "teacher_entropy":
+        h = -np.sum(p * logp, -1) / np.log(teacher.shape[-1])
+        g = np.clip((h - config.entropy_low) / (config.entropy_high - config.entropy_low), 0, 1)
+    elif config.difficulty == "teacher_label_prob":
+        g = (1 - p_label) ** config.label_prob_power
+    elif config.difficulty == "teacher_correctness":
+        g = np.where((np.argmax(p, -1) != labels) & (p.max(-1) >= config.confidence), 0.0, 1.0)
+    else:
+        g = 1 - np.exp(-ref.kl(logp, ref.log_softmax(student)) / config.divergence_scale)
+    g = np.where(mask, g, 0.0)
+    if config.granularity == "sequence":
+        g = np.broadcast_to(g.sum(-1, keepdims=True) / np.maximum(mask.sum(-1, keepdims=True), 1), g.shape)
+    return np.where(mask, g, 0.0)
+
+
+@pytest.mark.parametrize("difficulty, params", [
+    ("teacher_entropy", {"entropy_low": 0.6, "entropy_high": 0.9}),
+    ("teacher_label_prob", {"label_prob_power": 2.0}),
+    ("teacher_correctness", {"confidence": 0.3}),
+    ("divergence", {"divergence_scale": 0.5}),
+])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_difficulty_formulas(difficulty, params, granularity):
+    config = WeightingConfig(alpha=0.9, difficulty=difficulty, granularity=granularity, **params)
+    student, teacher = logits(0, (3, 6, VOCAB), 2.0), logits(1, (3, 6, VOCAB), 2.0)
+    labels = np.random.default_rng(2).integers(0, VOCAB, (3, 6))
+    labels[:, 0] = np.argmax(teacher[:, 0], -1)  # some tokens where the teacher is right
+    mask = np.ones((3, 6), bool)
+    mask[1, 4:] = False
+    mask[2] = False
+    alpha = losses.compute_alpha(config, step=7, student_logits=student, teacher_logits=teacher, labels=labels,
+                                 mask=mask)
+    expected = 0.9 * numpy_difficulty(config, student, teacher, labels, mask)
+    np.testing.assert_allclose(np.asarray(alpha), expected, rtol=1e-5, atol=1e-6)
+
+
+configs = st.builds(
+    WeightingConfig,
+    schedule=st.just("linear"), alpha=st.sampled_from([0.0, 0.4, 1.0]), alpha_end=st.just(1.0),
+    warmup_steps=st.sampled_from([0, 5]), schedule_steps=st.just(10),
+    difficulty=st.sampled_from(losses.DIFFICULTIES), granularity=st.sampled_from(losses.GRANULARITIES),
+)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(config=configs, step=st.integers(0, 30), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([0.1, 3.0, 1e4]))
+def test_alpha_is_in_unit_interval_zero_on_masked_tokens_and_carries_no_gradient(config, step, seed, scale):
+    student, teacher = logits(seed, (2, 5, 16), scale), logits(seed + 1, (2, 5, 16), scale)
+    labels = np.random.default_rng(seed).integers(0, 16, (2, 5))
+    mask = np.random.default_rng(seed + 2).random((2, 5)) < 0.7
+
+    def total(s, t):
+        a = losses.compute_alpha(config, step=step, student_logits=s, teacher_logits=t, labels=labels, mask=mask)
+        return jnp.sum(a * jnp.sum(s * t, -1)), a
+
+    (_, alpha), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(jnp.asarray(student),
+                                                                                jnp.asarray(teacher))
+    alpha = np.asarray(alpha)
+    assert np.all((alpha >= 0) & (alpha <= 1)) and np.all(alpha[~mask] == 0)
+    # d/ds sum(a * <s, t>) is a * t exactly when a has no gradient (likewise for t).
+    np.testing.assert_allclose(np.asarray(grads[0]), alpha[..., None] * teacher, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads[1]), alpha[..., None] * student, rtol=1e-6)
+
+
+def test_sparse_teacher_statistics_equal_dense_at_full_k():
+    config = WeightingConfig(difficulty="teacher_entropy")
+    student, teacher = logits(3, (4, VOCAB)), logits(4, (4, VOCAB))
+    labels = np.random.default_rng(5).integers(0, VOCAB, (4,))
+    dense = losses.compute_alpha(config, step=0, student_logits=student, teacher_logits=teacher, labels=labels)
+    sparse = losses.compute_alpha(config, step=0, student_logits=student,
+                                  teacher_logits=losses.top_k_teacher(teacher, VOCAB), labels=labels)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), rtol=1e-5)
