@@ -5,9 +5,9 @@ Routing produces, per token, `k` (expert, score) assignments. An expert computes
 Dispatches compute the same thing in different ways:
 
 - `dense`: every expert on every token, as transformers does (reference; cost grows with E).
-- `sorted`: assignments sorted by expert, then a scan over fixed-size row tiles, each tile
-  belonging to one expert; rows = assignments + at most E * tile padding (dropless; cost grows
-  with active parameters, which is what a CPU needs).
+- `sorted`: assignments sorted by expert, then a loop over experts, each reading its weights
+  once and running its rows in whole tiles plus one remainder tile, with a hand-written backward
+  (dropless; cost grows with active parameters, which is what a CPU needs).
 - `ragged`: the sorted rows through `jax.lax.ragged_dot` (a grouped GEMM on GPU/TPU; on CPU
   it lowers to a masked dense product whose cost grows with E).
 - `capacity`: per-expert buffers of `capacity_factor * N * k / E` slots; assignments past an
@@ -17,6 +17,7 @@ Dispatches compute the same thing in different ways:
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ def route(logits_ne: jax.Array, k: int, kind: str, renormalize: bool) -> Routing
     else:
         probs = jax.nn.softmax(logits_ne, axis=-1)
         scores = jnp.take_along_axis(probs, experts, axis=-1)
-        if renormalize:
+        if renormalize and k > 1:  # top-1 renormalised would be 1.0: the router would get no LM gradient
             scores = scores / jnp.sum(scores, axis=-1, keepdims=True)
     return Routing(logits=logits_ne, experts=experts.astype(jnp.int32), scores=scores)
 
@@ -55,10 +56,6 @@ class ExpertWeights:
     gate: jax.Array
     up: jax.Array
     down: jax.Array
-
-
-def _expert_ffn(x, w: ExpertWeights, e):
-    return (jax.nn.silu(x @ w.gate[e]) * (x @ w.up[e])) @ w.down[e]
 
 
 def dispatch_dense(x_nd, routing: Routing, w: ExpertWeights, scale_input: bool):
@@ -94,41 +91,145 @@ def _combine(y_rows, token_of_row, scores, n: int, scale_input: bool):
 
 
 def default_tile(num_rows: int, num_experts: int) -> int:
-    """Rows per tile: about a quarter of the mean rows per expert, a power of two in [8, 512]."""
-    target = max(1, num_rows // (4 * num_experts))
-    return int(min(512, max(8, 2 ** round(math.log2(target)))))
+    """Rows per tile: the mean rows per expert rounded down to a power of two, in [8, 512].
+
+    With balanced routing most experts then run one or two tiles; see `tiled_expert_ffn`.
+    """
+    mean = max(1, num_rows // num_experts)
+    return int(min(512, max(8, 2 ** int(math.floor(math.log2(mean))))))
+
+
+def _remainder_tile(tile: int) -> int:
+    return tile if tile <= 8 else max(8, tile // 4)
+
+
+def _silu_grad(a):
+    s = jax.nn.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
+def _tile_plan(experts_m, num_experts: int, tile: int):
+    """Per expert: first row, rows, tiles of `tile` rows, remainder tiles of `rem` rows (0 or 1).
+
+    An expert's last `c % tile` rows take one remainder tile when they fit in it, else one more
+    (masked) whole tile: a small tile costs almost as much as a whole one, so at most one runs.
+    """
+    counts = jnp.bincount(experts_m, length=num_experts).astype(jnp.int32)
+    starts = jnp.cumsum(counts) - counts
+    rem = _remainder_tile(tile)
+    left = counts % tile
+    small = ((left > 0) & (left <= rem)).astype(jnp.int32)
+    full = counts // tile + ((left > rem) & (rem < tile)).astype(jnp.int32)
+    return starts, counts, full, small, rem
+
+
+def _slice(x, start, size):
+    return jax.lax.dynamic_slice_in_dim(x, start, size)
+
+
+def _put(out, start, y, mask=None):
+    if mask is not None:
+        y = jnp.where(mask, y, _slice(out, start, y.shape[0]))
+    return jax.lax.dynamic_update_slice_in_dim(out, y, start, 0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _tiled_ffn(rows_md, experts_m, gate, up, down, tile):
+    return _tiled_ffn_fwd(rows_md, experts_m, gate, up, down, tile)[0]
+
+
+def _tiled_ffn_fwd(rows_md, experts_m, gate, up, down, tile):
+    m, d = rows_md.shape
+    starts, counts, full, small, rem = _tile_plan(experts_m, gate.shape[0], tile)
+    padded = jnp.concatenate([rows_md, jnp.zeros((tile, d), rows_md.dtype)])
+    row_in_tile, row_in_rem = jnp.arange(tile), jnp.arange(rem)
+
+    def expert_body(e, out):
+        g, u, dn = gate[e], up[e], down[e]  # sliced once per expert, reused by all its tiles
+        first, n, nfull = starts[e], counts[e], full[e]
+
+        def full_body(j, out):
+            p = first + j * tile
+            valid = (row_in_tile < n - (p - first))[:, None]
+            return _put(out, p, _expert_ffn_2d(_slice(padded, p, tile), g, u, dn), valid)
+
+        def rem_body(j, out):
+            p = first + nfull * tile + j * rem
+            valid = (row_in_rem < n - (p - first))[:, None]
+            return _put(out, p, _expert_ffn_2d(_slice(padded, p, rem), g, u, dn), valid)
+
+        out = jax.lax.fori_loop(0, nfull, full_body, out)
+        return jax.lax.fori_loop(0, small[e], rem_body, out)
+
+    out = jax.lax.fori_loop(0, gate.shape[0], expert_body, jnp.zeros_like(padded))
+    return out[:m], (rows_md, experts_m, gate, up, down)
+
+
+def _tiled_ffn_bwd(tile, residuals, dy_md):
+    rows_md, experts_m, gate, up, down = residuals
+    m, d = rows_md.shape
+    starts, counts, full, small, rem = _tile_plan(experts_m, gate.shape[0], tile)
+    padded = jnp.concatenate([rows_md, jnp.zeros((tile, d), rows_md.dtype)])
+    dy_padded = jnp.concatenate([dy_md, jnp.zeros((tile, d), dy_md.dtype)])
+    row_in_tile, row_in_rem = jnp.arange(tile), jnp.arange(rem)
+    f32 = jnp.float32
+
+    def tile_grads(x, dy, g, u, dn):
+        """(dx, dgate, dup, ddown) of one tile; weight gradients accumulate in float32."""
+        a, b = x @ g, x @ u
+        sa = jax.nn.silu(a)
+        dh = dy @ dn.T
+        da = dh * b * _silu_grad(a)
+        db = dh * sa
+        dx = da @ g.T + db @ u.T
+        wgrad = lambda lhs, rhs: jnp.dot(lhs.T, rhs, preferred_element_type=f32)  # noqa: E731
+        return dx, wgrad(x, da), wgrad(x, db), wgrad(sa * b, dy)
+
+    def expert_body(drows, xs):
+        g, u, dn, first, n, nfull, nsmall = xs
+
+        def body(size, row_in, offset):
+            def run(j, carry):
+                drows, acc = carry
+                p = offset + j * size
+                valid = (row_in < n - (p - first))[:, None]  # rows of other experts: masked out
+                x = jnp.where(valid, _slice(padded, p, size), 0)
+                dy = jnp.where(valid, _slice(dy_padded, p, size), 0)
+                dx, *grads = tile_grads(x, dy, g, u, dn)
+                return _put(drows, p, dx, valid), tuple(a + b for a, b in zip(acc, grads))
+            return run
+
+        acc = (jnp.zeros(g.shape, f32), jnp.zeros(u.shape, f32), jnp.zeros(dn.shape, f32))
+        carry = jax.lax.fori_loop(0, nfull, body(tile, row_in_tile, first), (drows, acc))
+        carry = jax.lax.fori_loop(0, nsmall, body(rem, row_in_rem, first + nfull * tile), carry)
+        drows, (dg, du, dd) = carry
+        return drows, (dg.astype(g.dtype), du.astype(u.dtype), dd.astype(dn.dtype))
+
+    drows, (dgate, dup, ddown) = jax.lax.scan(
+        expert_body, jnp.zeros_like(padded), (gate, up, down, starts, counts, full, small))
+    return drows[:m], None, dgate, dup, ddown
+
+
+_tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
+
+
+def _expert_ffn_2d(x, g, u, dn):
+    return (jax.nn.silu(x @ g) * (x @ u)) @ dn
 
 
 def tiled_expert_ffn(rows_md, experts_m, w: ExpertWeights, num_experts: int, tile: int):
     """SwiGLU of each row with its expert's weights; rows sorted by expert.
 
-    Tiles of `tile` consecutive rows start at each expert's first row and step through its rows;
-    there are at most `ceil(M / tile) + E` of them, so the work is `M + E * tile` rows, not `M * E`.
-    Rows of a tile that belong to another expert are masked out; a `lax.scan` visits the tiles,
-    so only one expert's weights are read at a time.
+    A loop over experts slices each expert's weights once; an inner loop runs its rows in tiles of
+    `tile` rows, the last `c % tile` rows in one tile of `_remainder_tile(tile)` rows where they
+    fit (rows of other experts in a tile are masked out). Only tiles that hold rows run (dynamic
+    trip counts), so the work is the routed rows plus under one tile per expert, whatever the
+    routing. The backward pass is written by hand (`jax.custom_vjp`): it recomputes each tile's activations, accumulates the expert's weight
+    gradients in float32 over its tiles and writes them once; an expert without rows gets an
+    exact zero gradient. Reverse mode only (no `jax.jvp` through it).
     """
-    m, d = rows_md.shape
-    counts = jnp.bincount(experts_m, length=num_experts)
-    starts = jnp.cumsum(counts) - counts
-    tiles_per_expert = (counts + tile - 1) // tile
-    tile_end = jnp.cumsum(tiles_per_expert)
-    num_tiles = -(-m // tile) + num_experts
-    tile_ids = jnp.arange(num_tiles)
-    tile_expert = jnp.minimum(jnp.searchsorted(tile_end, tile_ids, side="right"), num_experts - 1)
-    index_in_expert = tile_ids - (tile_end - tiles_per_expert)[tile_expert]
-    tile_start = starts[tile_expert] + index_in_expert * tile
-    tile_rows = jnp.where(tile_ids < tile_end[-1], counts[tile_expert] - index_in_expert * tile, 0)
-    padded = jnp.concatenate([rows_md, jnp.zeros((tile, d), rows_md.dtype)])
-    row_in_tile = jnp.arange(tile)
-
-    def body(out, t):
-        expert, start, valid = t
-        x = jax.lax.dynamic_slice_in_dim(padded, start, tile)
-        y = _expert_ffn(x, w, expert) * (row_in_tile < valid)[:, None].astype(x.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(out, jax.lax.dynamic_slice_in_dim(out, start, tile) + y, start, 0), None
-
-    out, _ = jax.lax.scan(body, jnp.zeros_like(padded), (tile_expert, tile_start, tile_rows))
-    return out[:m]
+    assert w.gate.shape[0] == num_experts, (w.gate.shape, num_experts)
+    return _tiled_ffn(rows_md, experts_m.astype(jnp.int32), w.gate, w.up, w.down, int(tile))
 
 
 def dispatch_sorted(x_nd, routing: Routing, w: ExpertWeights, scale_input: bool, tile: int | None):
