@@ -34,18 +34,18 @@ def init_from_teacher(student: Transformer, teacher: Transformer, *, layers: tup
     target = canonical_params(student)
     copied = {}
     for key, like in target.items():
-        source_key = key
+        source_key, moe_layer = key, False
         if key.startswith("layers/"):
             _, j, rest = key.split("/", 2)
             t_layer = layers[int(j)]
             if s_cfg.layer_is_moe[int(j)] != t_cfg.layer_is_moe[t_layer]:
                 raise ConfigError(f"init_layers: student layer {j} is {'MoE' if s_cfg.layer_is_moe[int(j)] else 'dense'}"
                                   f" but teacher layer {t_layer} is not")
-            source_key = f"layers/{t_layer}/{rest}"
+            source_key, moe_layer = f"layers/{t_layer}/{rest}", t_cfg.layer_is_moe[t_layer]
         value = teacher_params[source_key]
-        if source_key.split("/", 2)[-1] in _EXPERT_PARAMS:
+        if moe_layer and source_key.split("/", 2)[-1] in _EXPERT_PARAMS:
             value = value[list(experts)]
-        elif source_key.endswith("feed_forward/router"):
+        elif moe_layer and source_key.endswith("feed_forward/router"):
             value = value[:, list(experts)]
         if value.shape != like.shape:
             raise ConfigError(f"student.init=teacher: parameter {key} has shape {like.shape} in the student but "
