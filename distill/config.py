@@ -8,7 +8,6 @@ error names the dotted field, the bad value and the allowed values.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 import torch
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 from distill import hf
-from distill.model import build_model
 
 BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=32, intermediate_size_mlp=48, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
