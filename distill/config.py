@@ -17,6 +17,7 @@ import yaml
 from distill.configtools import field_names, from_dict, parse_override, set_dotted, to_dict, unknown_key_error
 from distill.data import DataConfig
 from distill.model.config import ConfigError, ModelConfig
+from distill.model.presets import lookup
 from losses import KD_LOSSES, WeightingConfig
 from student.presets import STUDENT_PRESETS
 from teacher.sources import teacher_model_config
@@ -218,13 +219,7 @@ class Config:
 
 
 def _model_config(preset: str | None, overrides: dict, presets: dict, role: str) -> ModelConfig:
-    if preset is None:
-        base = {}
-    elif preset in presets:
-        base = presets[preset].to_dict()
-    else:
-        known = ", ".join(sorted(presets))
-        raise ConfigError(f"{role}.preset={preset!r}: unknown; known presets: {known}")
+    base = lookup(presets, preset, role, {}).to_dict() if preset else {}
     return from_dict(ModelConfig, {**base, **overrides}, f"{role}.model")
 
 
