@@ -70,8 +70,8 @@ def _initial_state(plan: StepPlan, models: Models) -> TrainState:
     t_params = nnx.state(models.teacher, nnx.Param)
     teacher = ModelState(t_params, plan.teacher_tx.init(t_params) if plan.teacher_tx else None)
     target = jax.tree.map(jnp.copy, t_params) if plan.teacher_tx and plan.teacher.target != "live" else None
-    students = tuple(ModelState(p, sp.tx.init(p)) for sp, p in
-                     ((sp, nnx.state(m, nnx.Param)) for sp, m in zip(plan.students, models.students)))
+    student_params = [nnx.state(m, nnx.Param) for m in models.students]
+    students = tuple(ModelState(p, sp.tx.init(p)) for sp, p in zip(plan.students, student_params))
     return TrainState(step=jnp.zeros((), jnp.int32), teacher=teacher, target=target, students=students)
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import yaml
 
 import distill
 from distill.logging import read_metrics_jsonl, read_scalars
 from distill.model import ConfigError
+from distill.runs import checkpoint_tree
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -25,10 +25,7 @@ def tiny(run_dir: Path, **overrides):
 
 
 def restore_raw(run_dir: Path, step: int | None = None) -> dict:
-    with ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        step = manager.latest_step() if step is None else step
-        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    return checkpoint_tree(run_dir, step)[1]
 
 
 def leaves(tree) -> list[np.ndarray]:
