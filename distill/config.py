@@ -18,6 +18,7 @@ from distill.configtools import field_names, from_dict, parse_override, set_dott
 from distill.data import DataConfig
 from distill.model.config import ConfigError, ModelConfig
 from distill.model.presets import lookup
+from distill.model.sharding import DEFAULT_RULES, resolve_rules
 from losses import KD_LOSSES, WeightingConfig
 from student.presets import STUDENT_PRESETS
 from teacher.sources import teacher_model_config
@@ -98,6 +99,7 @@ class TeacherConfig:
     load_balance_weight: float = 0.01
     router_z_weight: float = 0.001
     optim: OptimConfig | None = None  # null: the run's optim section
+    sharding: dict | str | None = None  # logical-axis rules over mesh.rules, or "replicated"; null: mesh.rules
 
     def __post_init__(self):
         if self.source != "scratch" and not self.path:
@@ -129,6 +131,7 @@ class StudentConfig:
     init_experts: tuple[int, ...] | None = None  # init teacher: teacher expert for each student expert
     loss: LossConfig | None = None  # null: the run's loss section
     optim: OptimConfig | None = None  # null: the run's optim section
+    sharding: dict | str | None = None  # logical-axis rules over mesh.rules, or "replicated" (pure data parallel)
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -137,12 +140,15 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; -1 fills the devices left over (at most one axis)."""
+    """Device mesh axis sizes (-1 fills the devices left over, at most one axis), the logical-axis
+    rules every model starts from (docs/sharding.md), and multi-host start-up."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    rules: dict = field(default_factory=dict)  # logical axis -> mesh axis / list / null, over the defaults
+    distributed: Literal["auto", "on", "off"] = "auto"  # jax.distributed.initialize(); auto: from the environment
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,9 @@ class Config:
         if self.train.steps <= self.teacher.warmup_steps:
             raise ConfigError(f"train.steps={self.train.steps}: must exceed teacher.warmup_steps "
                               f"({self.teacher.warmup_steps}) so the students train")
+        self.teacher_rules()
+        for i in range(len(self.students)):
+            self.student_rules(i)
         if self.data.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum}: must divide data.batch_size "
                               f"({self.data.batch_size})")
@@ -207,6 +216,16 @@ class Config:
     def student_model(self, index: int) -> ModelConfig:
         s = self.students[index]
         return _model_config(s.preset, s.model, STUDENT_PRESETS, f"students[{index}]")
+
+    def mesh_rules(self) -> dict:
+        """The logical-axis rules of the run: the defaults with `mesh.rules` applied."""
+        return resolve_rules(DEFAULT_RULES, self.mesh.rules, "mesh.rules")
+
+    def teacher_rules(self) -> dict:
+        return resolve_rules(self.mesh_rules(), self.teacher.sharding, "teacher.sharding")
+
+    def student_rules(self, index: int) -> dict:
+        return resolve_rules(self.mesh_rules(), self.students[index].sharding, f"students[{index}].sharding")
 
     def student_loss(self, index: int) -> LossConfig:
         return self.students[index].loss or self.loss

@@ -1,24 +1,29 @@
-"""The device mesh of a run and the placement of batches and states on it.
+"""The device mesh of a run and the placement of batches and model states on it.
 
-Axes `data`, `fsdp`, `tensor`, `expert` (sizes from the `mesh:` section, -1 fills the rest). The
-batch's rows are split over `data` x `fsdp`. Parameters and optimizer states are replicated for
-now: the logical-axis rules that shard them over `fsdp`, `tensor` and `expert` are the sharding
-issue's work; the names they will map are already on every parameter.
+Axes `data`, `fsdp`, `tensor`, `expert` (sizes from the `mesh:` section, -1 fills the rest).
+Parameters carry logical axis names; `DEFAULT_RULES` maps them to mesh axes (MaxText's
+`logical_axis_rules` in spirit): the batch over data x fsdp x expert, `embed` over fsdp (ZeRO-3
+style: weights gathered where they are used), heads / mlp / vocab over tensor (Megatron style),
+`experts` over expert (expert parallelism, see `distill.model.expert_parallel`). Each model may
+override rules (`teacher.sharding`, `students[i].sharding`), e.g. a small student kept whole on
+every device ("replicated": pure data parallelism). Optimizer states follow their parameters.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 
 import jax
 import numpy as np
+import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill.config import MeshConfig
 from distill.model.config import ConfigError
-
-AXES = ("data", "fsdp", "tensor", "expert")
-
+from distill.model.sharding import AXES, DEFAULT_RULES, Rules, logical_to_spec, mesh_axes_of, resolve_rules
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     sizes = [getattr(cfg, axis) for axis in AXES]
@@ -42,23 +47,131 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    """The mesh over `devices` (default: all devices of all processes, process by process)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), AXES)
+    return Mesh(np.asarray(devices).reshape(mesh_shape(cfg, len(devices))), AXES)
 
 
-def batch_sharding(mesh: Mesh, *, micro_batched: bool = False) -> NamedSharding:
-    """Rows over data x fsdp, the sequence axis whole (`[accum, rows, seq]` when micro-batched)."""
-    rows = PartitionSpec(("data", "fsdp"))
-    return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")) if micro_batched else rows)
+def single_device_mesh(device=None) -> Mesh:
+    """A 1x1x1x1 mesh: the whole model on one device (evaluation, tests, notebooks)."""
+    return Mesh(np.asarray([device or jax.devices()[0]]).reshape(1, 1, 1, 1), AXES)
+
+
+def _keystr(path) -> str:
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    return "/".join(str(k) for k in keys if k != "value")
+
+
+def param_shardings(params, rules: Rules, mesh: Mesh, role: str):
+    """NamedShardings for an `nnx.State` of parameters, from their logical names and `rules`.
+
+    Raises ConfigError naming the parameter, the axis and the sizes when a dimension does not
+    split evenly over its mesh axes.
+    """
+    specs = nnx.get_partition_spec(params)
+
+    def place(path, logical, value):
+        logical = tuple(logical) if logical is not None else (None,) * value.ndim
+        spec = logical_to_spec(logical, rules, mesh)
+        for dim, (name, axes) in enumerate(zip(logical, spec)):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else axes
+            split = math.prod(mesh.shape[a] for a in axes)
+            if value.shape[dim] % split:
+                shown = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+                raise ConfigError(
+                    f"{role}: parameter {_keystr(path)} {tuple(value.shape)}: its {name} dimension "
+                    f"({value.shape[dim]}) does not split over mesh {shown}; choose mesh sizes that divide "
+                    f"{value.shape[dim]}, or map {name} to null in {role}.sharding")
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(place, specs, params,
+                                            is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None)
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state, params_sharding, mesh: Mesh):
+    """Optimizer state placed like its parameters (Adam's moments); counters replicated."""
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, opt_state, params_sharding,
+                                 transform_non_params=lambda _: replicated(mesh),
+                                 is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_divides(batch_rows: int, grad_accum: int, mesh: Mesh) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+    return mesh_axes_of("batch", rules, mesh)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, *, micro_batched: bool = False) -> NamedSharding:
+    """Rows over the `batch` rule's axes, the sequence whole (`[accum, rows, seq]` when micro-batched)."""
+    rows = batch_axes(mesh, rules) or None
+    return NamedSharding(mesh, PartitionSpec(None, rows) if micro_batched else PartitionSpec(rows))
+
+
+def check_batch_divides(batch_rows: int, grad_accum: int, mesh: Mesh, rules: Rules) -> None:
+    axes = batch_axes(mesh, rules)
+    shards = math.prod(mesh.shape[a] for a in axes)
     if (batch_rows // grad_accum) % shards:
+        shown = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
         raise ConfigError(f"data.batch_size={batch_rows}: each of the {grad_accum} micro-batches must split "
-                          f"evenly over data x fsdp = {shards} devices")
+                          f"evenly over the batch axes {shown} = {shards} devices")
+
+
+def bytes_per_device(tree) -> dict:
+    """Bytes each device holds of a tree of sharded arrays or ShapeDtypeStructs with shardings."""
+    totals: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        sharding = leaf.sharding
+        shard = sharding.shard_shape(leaf.shape)
+        nbytes = math.prod(shard) * np.dtype(leaf.dtype).itemsize
+        for device in sharding.device_set:
+            totals[device] = totals.get(device, 0) + nbytes
+    return totals
+
+
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES")
+
+
+def wants_distributed(mode: str, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether to call `jax.distributed.initialize()`: "on", "off", or "auto" (JAX's coordinator
+    variables, a SLURM job of several tasks, or an Open MPI job of several ranks)."""
+    if mode != "auto":
+        return mode == "on"
+    if any(environ.get(name) for name in _DISTRIBUTED_ENV):
+        return True
+    return int(environ.get("SLURM_NTASKS", "1")) > 1 or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+
+
+def initialize_distributed(mode: str) -> None:
+    """Join the multi-host job (JAX's own runtime reads the coordinator from the environment)."""
+    if wants_distributed(mode) and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def process_row_block(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int,
+                      process_index: int, owner=lambda device: device.process_index) -> slice:
+    """The contiguous block of `axis` that the devices of one process hold under `sharding`.
+
+    Each process loads only these rows of the global batch (`data.train_iterator(shard_index,
+    shard_count)`); raises ConfigError when the mesh scatters a process's rows (reorder the mesh
+    so that each process's devices are neighbours on the batch axes).
+    """
+    starts = sorted({index[axis].indices(global_shape[axis])[:2]
+                     for device, index in sharding.devices_indices_map(global_shape).items()
+                     if owner(device) == process_index})
+    block = slice(starts[0][0], starts[-1][1])
+    covered = sum(stop - start for start, stop in starts)
+    if covered != block.stop - block.start:
+        raise ConfigError(f"mesh: process {process_index}'s devices hold rows {starts} of the batch, not one "
+                          "contiguous block; put each host's devices on neighbouring batch positions")
+    return block
+
+
+def global_batch(local: dict, sharding: NamedSharding, global_shape: tuple[int, ...]) -> dict:
+    """Global arrays from this process's block of rows (one process: a plain device_put)."""
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in local.items()}

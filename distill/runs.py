@@ -71,11 +71,12 @@ def evaluate_run(run_dir: str | Path, *, max_batches: int | None = None, step: i
     import jax
 
     from distill.data import build_data
+    from distill.parallel import single_device_mesh
     from distill.step import ModelState, TrainState, eval_metrics, eval_step
     from distill.trainer import Models, _plan
 
     cfg, step, teacher, students = load_models(run_dir, step)
-    plan = _plan(cfg, Models(teacher, list(students.values())))
+    plan = _plan(cfg, Models(teacher, list(students.values())), single_device_mesh())
     state = TrainState(step=step, teacher=ModelState(nnx.state(teacher, nnx.Param), None), target=None,
                        students=tuple(ModelState(nnx.state(m, nnx.Param), None) for m in students.values()))
     data = build_data(cfg.data, seed=cfg.train.seed)

@@ -25,6 +25,7 @@ from flax import nnx, struct
 import losses
 from distill.config import LossConfig, OptimConfig, TeacherConfig
 from distill.model import ModelOutput
+from distill.model.sharding import ShardingContext, use_sharding
 
 Batch = dict[str, jax.Array]  # tokens, labels, mask, segment_ids, positions: [rows, seq]
 # (train_step takes them as micro-batches, [grad_accum, rows, seq])
@@ -53,6 +54,7 @@ class StudentPlan:
     control: bool
     num_experts: int
     router_kd: bool  # router distillation active (equal MoE layer and expert counts)
+    sharding: ShardingContext | None = None  # mesh + this student's logical-axis rules
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ class StepPlan:
     teacher_experts: int
     students: tuple[StudentPlan, ...]
     grad_accum: int
+    teacher_sharding: ShardingContext | None = None  # mesh + the teacher's logical-axis rules
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -90,9 +93,11 @@ def current_lr(opt_state) -> jax.Array:
     return opt_state[-1].hyperparams["learning_rate"]
 
 
-def forward(graph, params, batch: Batch) -> ModelOutput:
-    model = nnx.merge(graph, params)
-    return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+def forward(graph, params, batch: Batch, sharding: ShardingContext | None = None) -> ModelOutput:
+    """The model's forward, traced under its sharding context (activation hints, expert parallelism)."""
+    with use_sharding(sharding):
+        model = nnx.merge(graph, params)
+        return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
 
 
 def _router_terms(router_logits, expert_indices, mask: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -123,7 +128,7 @@ def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
 
 
 def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step):
-    out = forward(plan.graph, params, batch)
+    out = forward(plan.graph, params, batch, plan.sharding)
     mask, labels, cfg = batch["mask"] > 0, batch["labels"], plan.loss
     if plan.control:
         per_token = losses.cross_entropy(out.logits, labels, label_smoothing=cfg.label_smoothing, mask=mask)
@@ -209,16 +214,16 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         teacher_grads, student_grads = carry
         if teacher_trains:
             def teacher_forward(params):
-                out = forward(plan.teacher_graph, params, mb)
+                out = forward(plan.teacher_graph, params, mb, plan.teacher_sharding)
                 return (out.logits, out.router_logits), (out.expert_indices, out.expert_counts)
             (t_logits, t_router), pullback, (t_indices, t_counts) = jax.vjp(
                 teacher_forward, state.teacher.params, has_aux=True)
         else:
-            out = forward(plan.teacher_graph, state.teacher.params, mb)
+            out = forward(plan.teacher_graph, state.teacher.params, mb, plan.teacher_sharding)
             t_logits, t_router, t_indices, t_counts = out.logits, out.router_logits, out.expert_indices, \
                 out.expert_counts
         if state.target is not None and students:
-            target_out = forward(plan.teacher_graph, state.target, mb)
+            target_out = forward(plan.teacher_graph, state.target, mb, plan.teacher_sharding)
             target_logits, target_router = target_out.logits, target_out.router_logits
         else:
             target_logits, target_router = t_logits, t_router
@@ -288,13 +293,13 @@ def eval_step(plan: StepPlan, state: TrainState, batch: Batch) -> dict[str, jax.
     student's top-1 equals the teacher's; `student/<n>/kl`: summed KL(teacher || student), T = 1.
     """
     mask = batch["mask"] > 0
-    teacher_logits = forward(plan.teacher_graph, state.teacher.params, batch).logits
+    teacher_logits = forward(plan.teacher_graph, state.teacher.params, batch, plan.teacher_sharding).logits
     total = lambda x: jnp.sum(jnp.where(mask, x, 0.0))  # noqa: E731
     out = {"tokens": jnp.sum(mask.astype(jnp.float32)),
            "teacher/nats": total(losses.cross_entropy(teacher_logits, batch["labels"], mask=mask))}
     teacher_top1 = jnp.argmax(teacher_logits, -1)
     for sp, s_state in zip(plan.students, state.students):
-        logits = forward(sp.graph, s_state.params, batch).logits
+        logits = forward(sp.graph, s_state.params, batch, sp.sharding).logits
         prefix = f"student/{sp.name}/"
         out[prefix + "nats"] = total(losses.cross_entropy(logits, batch["labels"], mask=mask))
         out[prefix + "agree"] = total((jnp.argmax(logits, -1) == teacher_top1).astype(jnp.float32))

@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from jax.sharding import Mesh
 
 from distill.checkpoint import Checkpoints, abstract_like
 from distill.config import Config, save_config
 from distill.data import build_data
 from distill.logging import RunLogger
 from distill.model import ConfigError, build_model
-from distill.parallel import batch_sharding, check_batch_divides, make_mesh, replicated
+from distill.model.sharding import ShardingContext
+from distill.parallel import (batch_sharding, check_batch_divides, global_batch, initialize_distributed, make_mesh,
+                              opt_state_shardings, param_shardings, process_row_block, replicated)
 from distill.progress import Progress
 from distill.step import ModelState, StepPlan, StudentPlan, TrainState, eval_metrics, eval_step, make_optimizer, \
     train_step
@@ -32,19 +35,25 @@ class Models:
     students: list
 
 
-def _build_models(cfg: Config) -> Models:
+def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
+    """The teacher and students with their initial weights; `abstract`: shapes only, no compute."""
     seed = cfg.train.seed
+    if abstract:
+        shape_of = lambda model_cfg: nnx.eval_shape(lambda: build_model(model_cfg, seed=seed))  # noqa: E731
+        return Models(shape_of(cfg.teacher_model()), [shape_of(cfg.student_model(i)) for i in range(len(cfg.students))])
     teacher = load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
     students = []
     for i, s in enumerate(cfg.students):
-        model = build_model(cfg.student_model(i), seed=seed + 1 + i)
+        # One seed for every student: students of the same architecture start from the same
+        # weights, so distilled vs control (or one loss policy vs another) is a paired comparison.
+        model = build_model(cfg.student_model(i), seed=seed + 1)
         if s.init == "teacher":
             init_from_teacher(model, teacher, layers=s.init_layers, experts=s.init_experts)
         students.append(model)
     return Models(teacher, students)
 
 
-def _plan(cfg: Config, models: Models) -> StepPlan:
+def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
     steps = cfg.train.steps
     student_steps = steps - cfg.teacher.warmup_steps
     t_graph, _ = nnx.split(models.teacher)
@@ -61,9 +70,10 @@ def _plan(cfg: Config, models: Models) -> StepPlan:
                               "needs the teacher's number of MoE layers and experts; set it to 0")
         plans.append(StudentPlan(name=s.name, graph=graph, tx=make_optimizer(cfg.student_optim(i), student_steps),
                                  loss=loss, control=s.control, num_experts=model.cfg.num_local_experts,
-                                 router_kd=router_kd))
+                                 router_kd=router_kd, sharding=ShardingContext(mesh, cfg.student_rules(i))))
     return StepPlan(teacher_graph=t_graph, teacher_tx=teacher_tx, teacher=cfg.teacher,
-                    teacher_experts=t_cfg.num_local_experts, students=tuple(plans), grad_accum=cfg.train.grad_accum)
+                    teacher_experts=t_cfg.num_local_experts, students=tuple(plans), grad_accum=cfg.train.grad_accum,
+                    teacher_sharding=ShardingContext(mesh, cfg.teacher_rules()))
 
 
 def _initial_state(plan: StepPlan, models: Models) -> TrainState:
@@ -75,22 +85,53 @@ def _initial_state(plan: StepPlan, models: Models) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), teacher=teacher, target=target, students=students)
 
 
+def state_shardings(plan: StepPlan, state: TrainState) -> TrainState:
+    """Where every array of the state lives: parameters by their model's rules, optimizer states
+    like their parameters, the step counter replicated."""
+    def model_sharding(model_state: ModelState, tx, context: ShardingContext, role: str) -> ModelState:
+        params = param_shardings(model_state.params, context.rules, context.mesh, role)
+        opt = None if model_state.opt_state is None else opt_state_shardings(tx, model_state.opt_state, params,
+                                                                              context.mesh)
+        return ModelState(params, opt)
+
+    teacher = model_sharding(state.teacher, plan.teacher_tx, plan.teacher_sharding, "teacher")
+    students = tuple(model_sharding(s, sp.tx, sp.sharding, f"students[{i}] ({sp.name})")
+                     for i, (s, sp) in enumerate(zip(state.students, plan.students)))
+    return TrainState(step=replicated(plan.teacher_sharding.mesh), teacher=teacher,
+                      target=None if state.target is None else teacher.params, students=students)
+
+
+def _without_placement(resolved: dict) -> dict:
+    """The config minus where arrays live (mesh, sharding rules): a run may resume on another mesh."""
+    kept = {k: v for k, v in resolved.items() if k != "mesh"}
+    kept["teacher"] = {k: v for k, v in kept["teacher"].items() if k != "sharding"}
+    kept["students"] = [{k: v for k, v in s.items() if k != "sharding"} for s in kept["students"]]
+    return kept
+
+
 def _prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
-    """Create or reuse the run directory; refuse one that holds another config's run."""
+    """Create or reuse the run directory; refuse one that holds another config's run.
+
+    A run resumes under a different mesh or sharding rules (config.yaml then records the new one).
+    """
     run_dir = cfg.run.path
     config_file = run_dir / "config.yaml"
-    resolved = cfg.to_dict()
+    resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    writer = jax.process_index() == 0
     if config_file.is_file():
         previous = yaml.safe_load(config_file.read_text())
-        if previous != yaml.safe_load(yaml.safe_dump(resolved, sort_keys=False)):
-            changed = sorted(_diff_keys(previous, resolved))
+        if _without_placement(previous) != _without_placement(resolved):
+            changed = sorted(_diff_keys(_without_placement(previous), _without_placement(resolved)))
             raise ConfigError(f"run.dir={str(run_dir)!r} holds a run with a different config (changed: "
                               f"{', '.join(changed[:6])}); choose a new run.dir to start a new run")
+        if previous != resolved and writer:
+            save_config(cfg, config_file)
         return run_dir, True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.dir={str(run_dir)!r} exists and is not a distill run directory; choose another")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, config_file)
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_file)
     return run_dir, False
 
 
@@ -119,9 +160,9 @@ def _hparams(cfg: Config) -> dict:
     return flat
 
 
-def _to_device(batch: dict, sharding, accum: int) -> dict:
-    micro = {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
-    return jax.device_put(micro, sharding)
+def _micro_batches(batch: dict, accum: int) -> dict:
+    """`[rows, seq]` -> `[accum, rows / accum, seq]`: the micro-batches of one step."""
+    return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
 def _scalars(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -138,21 +179,30 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
     "stopped"), as a preemption would; running again resumes.
     """
     started = time.time()
+    initialize_distributed(cfg.mesh.distributed)
     run_dir, existing = _prepare_run_dir(cfg)
+    mesh = make_mesh(cfg.mesh)
+    rules = cfg.mesh_rules()
+    accum = cfg.train.grad_accum
+    check_batch_divides(cfg.data.batch_size, accum, mesh, rules)
+    micro_sharding = batch_sharding(mesh, rules, micro_batched=True)
+    micro_shape = (accum, cfg.data.batch_size // accum, cfg.data.seq_len)
+    rows = process_row_block(micro_sharding, micro_shape, 1, jax.process_index())
     data = build_data(cfg.data, seed=cfg.train.seed)
-    models = _build_models(cfg)
-    for role, model in [("teacher", models.teacher)] + [(f"students[{i}]", m) for i, m in enumerate(models.students)]:
+    abstract_models = _build_models(cfg, abstract=True)
+    for role, model in [("teacher", abstract_models.teacher)] + [(f"students[{i}]", m)
+                                                               for i, m in enumerate(abstract_models.students)]:
         if data.vocab_size > model.cfg.vocab_size:
             raise ConfigError(f"{role}.model.vocab_size={model.cfg.vocab_size}: the tokenizer has "
                               f"{data.vocab_size} tokens; the model needs at least as many")
-    mesh = make_mesh(cfg.mesh)
-    check_batch_divides(cfg.data.batch_size, cfg.train.grad_accum, mesh)
-    plan = _plan(cfg, models)
-    state = _initial_state(plan, models)
-    del models
-    state_sharding = jax.tree.map(lambda _: replicated(mesh), state)
-    state = jax.device_put(state, state_sharding)
-    micro_sharding = batch_sharding(mesh, micro_batched=True)
+    plan = _plan(cfg, abstract_models, mesh)
+    if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
+        state_sharding = state_shardings(plan, jax.eval_shape(lambda: _initial_state(plan, _build_models(cfg))))
+        state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
+    else:  # a loaded teacher's weights are host arrays: place them
+        state = _initial_state(plan, _build_models(cfg))
+        state_sharding = state_shardings(plan, state)
+        state = jax.device_put(state, state_sharding)
     warmup = cfg.teacher.warmup_steps
 
     def compiled(with_students: bool):
@@ -162,22 +212,28 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
 
     full_step = compiled(True)
     teacher_step = compiled(False) if warmup else None
-    evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, batch_sharding(mesh)))
+    eval_sharding = batch_sharding(mesh, rules)
+    evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
 
     checkpoints = Checkpoints(run_dir, keep=cfg.train.keep_checkpoints)
-    iterator = data.train_iterator()
+    per_process = rows.stop - rows.start
+    iterator = data.train_iterator(rows.start // per_process, micro_shape[1] // per_process)
     start = 0
     latest = checkpoints.latest_step() if existing else None
     if latest is not None:
         state, meta = checkpoints.restore(latest, abstract_like(state))
         iterator.restore(meta["data"])
         start = int(meta["step"])
-    validation = data.validation_batches(cfg.train.eval_batches or None)
+    eval_shape = (cfg.data.batch_size, cfg.data.seq_len)
+    eval_rows = process_row_block(eval_sharding, eval_shape, 0, jax.process_index())
+    eval_per_process = eval_rows.stop - eval_rows.start
+    validation = data.validation_batches(cfg.train.eval_batches or None, shard_index=eval_rows.start // eval_per_process,
+                                         shard_count=eval_shape[0] // eval_per_process)
 
     def run_eval() -> dict[str, float]:
         sums: dict[str, float] = {}
         for batch in validation:
-            out = jax.device_get(evaluate(state, jax.device_put(batch, batch_sharding(mesh))))
+            out = jax.device_get(evaluate(state, global_batch(batch, eval_sharding, eval_shape)))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return eval_metrics(sums)
@@ -194,7 +250,7 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
     window_start, window_steps = time.time(), 0
     try:
         for step in range(start, steps):
-            batch = _to_device(next(iterator), micro_sharding, cfg.train.grad_accum)
+            batch = global_batch(_micro_batches(next(iterator), accum), micro_sharding, micro_shape)
             step_fn = teacher_step if step < warmup else full_step
             state, metrics = step_fn(state, batch)
             window_steps += 1

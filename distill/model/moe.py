@@ -12,6 +12,10 @@ Dispatches compute the same thing in different ways:
   it lowers to a masked dense product whose cost grows with E).
 - `capacity`: per-expert buffers of `capacity_factor * N * k / E` slots; assignments past an
   expert's capacity are dropped (their contribution is 0) and the drop fraction is reported.
+
+Under a sharding context (`distill.model.sharding`) that splits the `experts` axis, `MoE` runs
+the routed experts with `distill.model.expert_parallel` instead: tokens travel to the devices
+holding their experts, which run one of the dispatches above on what they receive.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from flax import nnx, struct
 
 from distill.model.config import ModelConfig
 from distill.model.layers import SwiGLU, dtype_of, param
+from distill.model.sharding import current
 
 
 @struct.dataclass
@@ -199,7 +204,7 @@ def _tiled_ffn_bwd(tile, residuals, dy_md):
                 return _put(drows, p, dx, valid), tuple(a + b for a, b in zip(acc, grads))
             return run
 
-        acc = (jnp.zeros(g.shape, f32), jnp.zeros(u.shape, f32), jnp.zeros(dn.shape, f32))
+        acc = (jnp.zeros_like(g, f32), jnp.zeros_like(u, f32), jnp.zeros_like(dn, f32))  # keeps shard_map types
         carry = jax.lax.fori_loop(0, nfull, body(tile, row_in_tile, first), (drows, acc))
         carry = jax.lax.fori_loop(0, nsmall, body(rem, row_in_rem, first + nfull * tile), carry)
         drows, (dg, du, dd) = carry
@@ -317,7 +322,13 @@ class MoE(nnx.Module):
         scale_input = cfg.router == "llama4"
         dispatch = resolve_dispatch(cfg.dispatch)
         dropped = jnp.zeros((), jnp.float32)
-        if dispatch == "dense":
+        context = current()
+        if context is not None and context.size("experts") > 1:
+            # Imported here: expert_parallel imports this module.
+            from distill.model.expert_parallel import dispatch_expert_parallel
+
+            routed, dropped = dispatch_expert_parallel(x, routing, w, scale_input, cfg, context)
+        elif dispatch == "dense":
             routed = dispatch_dense(x, routing, w, scale_input)
         elif dispatch == "sorted":
             routed = dispatch_sorted(x, routing, w, scale_input, cfg.dispatch_tile)

@@ -17,6 +17,7 @@ from distill.model.config import ModelConfig
 from distill.model.layers import RMSNorm, SwiGLU, dtype_of, param
 from distill.model.moe import MoE, MoEStats
 from distill.model.rope import inverse_frequencies, rotary_angles
+from distill.model.sharding import constrain
 
 
 @struct.dataclass
@@ -114,11 +115,12 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         rope = rotary_angles(positions, inverse_frequencies(cfg))
-        x = jnp.take(self.embed[...], tokens_bs, axis=0).astype(dtype_of(cfg.dtype))
+        x = constrain(jnp.take(self.embed[...], tokens_bs, axis=0).astype(dtype_of(cfg.dtype)), "batch", "length", None)
         stats: list[MoEStats] = []
 
         def run_group(group, x):
-            return group(x, positions, rope, segment_ids)
+            x, group_stats = group(x, positions, rope, segment_ids)
+            return constrain(x, "batch", "length", None), group_stats
 
         if cfg.remat != "none":
             run_group = nnx.remat(run_group, policy=_REMAT_POLICIES[cfg.remat])
@@ -143,7 +145,8 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         c = dtype_of(cfg.dtype)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.dot(x.astype(c), head.astype(c), preferred_element_type=jnp.float32)
+        logits = constrain(jnp.dot(x.astype(c), head.astype(c), preferred_element_type=jnp.float32),
+                           "batch", "length", "vocab")
         return ModelOutput(logits=logits, **_router_fields(stats, b * s, cfg))
 
 
@@ -165,5 +168,9 @@ def _router_fields(stats: list[MoEStats], num_tokens: int, cfg: ModelConfig) -> 
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A freshly initialised model (parameters on the default device, no mesh needed)."""
-    return Transformer(cfg, nnx.Rngs(params=seed))
+    """A freshly initialised model (parameters on the default device, no mesh needed).
+
+    Initialised under `jit`, so the weights are bit-identical to the ones a run initialises
+    straight into its shardings inside a larger jitted program.
+    """
+    return nnx.jit(lambda: Transformer(cfg, nnx.Rngs(params=seed)))()

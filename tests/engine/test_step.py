@@ -12,6 +12,7 @@ import pytest
 import distill
 import losses
 from distill.data import build_data
+from distill.parallel import single_device_mesh
 from distill.step import eval_metrics, eval_step, train_step
 from distill.trainer import _build_models, _initial_state, _plan
 
@@ -21,7 +22,7 @@ TINY = Path(__file__).with_name("tiny.yaml")
 def setup(**overrides):
     cfg = distill.load_config(TINY, [f"{k}={v}" for k, v in overrides.items()])
     models = _build_models(cfg)
-    plan = _plan(cfg, models)
+    plan = _plan(cfg, models, single_device_mesh())
     state = _initial_state(plan, models)
     data = build_data(cfg.data, seed=cfg.train.seed)
     batch = next(data.train_iterator())
