@@ -132,6 +132,24 @@ def bytes_per_device(tree) -> dict:
     return totals
 
 
+def state_memory(state, student_names: list[str]) -> dict[str, dict]:
+    """Per model (teacher, EMA/stale target, each student): the largest per-device bytes of its
+    parameters and optimizer state, and that total as a fraction of the unsharded total."""
+    models = {"teacher": (state.teacher.params, state.teacher.opt_state)}
+    if state.target is not None:
+        models["teacher target"] = (state.target, None)
+    models.update({name: (s.params, s.opt_state) for name, s in zip(student_names, state.students)})
+    rows = {}
+    for name, (params, opt_state) in models.items():
+        per_param, per_opt = bytes_per_device(params), bytes_per_device(opt_state) if opt_state is not None else {}
+        whole = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves((params, opt_state)))
+        totals = {d: per_param.get(d, 0) + per_opt.get(d, 0) for d in per_param}
+        device = max(totals, key=totals.get)
+        rows[name] = {"params": per_param[device], "optimizer": per_opt.get(device, 0),
+                      "fraction": totals[device] / whole}
+    return rows
+
+
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES")
 
 

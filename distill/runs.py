@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
-from distill.config import Config, build_config
+from distill.config import Config, MeshConfig, build_config
 from distill.model import ConfigError, Transformer, build_model
 
 
@@ -31,6 +32,35 @@ def checkpoint_tree(run_dir: str | Path, step: int | None = None) -> tuple[int, 
             raise ConfigError(f"{run_dir}: the run has no checkpoint yet")
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return step, restored.state
+
+
+def restore_state(run_dir: str | Path, *, mesh: MeshConfig | None = None, step: int | None = None):
+    """A run's checkpoint restored straight into its shardings on `mesh` (default: the run's own
+    mesh section over this process's devices), which need not be the mesh that saved it.
+
+    Returns (config, step plan, TrainState, step); each array lands on its devices as the
+    model's rules say, without passing through one device.
+    """
+    import jax
+
+    from distill.parallel import make_mesh
+    from distill.trainer import _build_models, _plan, abstract_state, state_shardings
+
+    cfg = run_config(run_dir)
+    if mesh is not None:
+        cfg = dataclasses.replace(cfg, mesh=mesh)
+    models = _build_models(cfg, abstract=True)
+    plan = _plan(cfg, models, make_mesh(cfg.mesh))
+    shapes = abstract_state(plan, models)
+    target = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          shapes, state_shardings(plan, shapes))
+    directory = (Path(run_dir) / "checkpoints").absolute()
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{run_dir}: the run has no checkpoint yet")
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    return cfg, plan, state, step
 
 
 def _strip_value_keys(tree):

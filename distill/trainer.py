@@ -36,7 +36,7 @@ class Models:
 
 
 def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
-    """The teacher and students with their initial weights; `abstract`: shapes only, no compute."""
+    """The teacher and students with their initial weights; `abstract`: their shapes only."""
     seed = cfg.train.seed
     if abstract:
         shape_of = lambda model_cfg: nnx.eval_shape(lambda: build_model(model_cfg, seed=seed))  # noqa: E731
@@ -51,6 +51,13 @@ def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
             init_from_teacher(model, teacher, layers=s.init_layers, experts=s.init_experts)
         students.append(model)
     return Models(teacher, students)
+
+
+def abstract_state(plan: StepPlan, models: Models) -> TrainState:
+    """Shapes and dtypes of the initial state (no weights computed), from abstract models."""
+    def initial():
+        return _initial_state(plan, Models(build_model(models.teacher.cfg), [build_model(m.cfg) for m in models.students]))
+    return jax.eval_shape(initial)
 
 
 def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
@@ -102,8 +109,10 @@ def state_shardings(plan: StepPlan, state: TrainState) -> TrainState:
 
 
 def _without_placement(resolved: dict) -> dict:
-    """The config minus where arrays live (mesh, sharding rules): a run may resume on another mesh."""
+    """The config minus where things live (mesh, sharding rules, run.dir): a run may resume on
+    another mesh, or after its directory was moved."""
     kept = {k: v for k, v in resolved.items() if k != "mesh"}
+    kept["run"] = {k: v for k, v in kept["run"].items() if k != "dir"}
     kept["teacher"] = {k: v for k, v in kept["teacher"].items() if k != "sharding"}
     kept["students"] = [{k: v for k, v in s.items() if k != "sharding"} for s in kept["students"]]
     return kept
@@ -112,7 +121,8 @@ def _without_placement(resolved: dict) -> dict:
 def _prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
     """Create or reuse the run directory; refuse one that holds another config's run.
 
-    A run resumes under a different mesh or sharding rules (config.yaml then records the new one).
+    A run resumes under a different mesh or sharding rules, or from a moved directory
+    (config.yaml then records the new values).
     """
     run_dir = cfg.run.path
     config_file = run_dir / "config.yaml"
@@ -196,13 +206,11 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
             raise ConfigError(f"{role}.model.vocab_size={model.cfg.vocab_size}: the tokenizer has "
                               f"{data.vocab_size} tokens; the model needs at least as many")
     plan = _plan(cfg, abstract_models, mesh)
+    state_sharding = state_shardings(plan, abstract_state(plan, abstract_models))
     if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
-        state_sharding = state_shardings(plan, jax.eval_shape(lambda: _initial_state(plan, _build_models(cfg))))
         state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
     else:  # a loaded teacher's weights are host arrays: place them
-        state = _initial_state(plan, _build_models(cfg))
-        state_sharding = state_shardings(plan, state)
-        state = jax.device_put(state, state_sharding)
+        state = jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
     warmup = cfg.teacher.warmup_steps
 
     def compiled(with_students: bool):
