@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections import Counter
 from collections.abc import Mapping
 
 import jax
@@ -148,6 +150,32 @@ def state_memory(state, student_names: list[str]) -> dict[str, dict]:
         rows[name] = {"params": per_param[device], "optimizer": per_opt.get(device, 0),
                       "fraction": totals[device] / whole}
     return rows
+
+
+_COLLECTIVE = re.compile(r"= (.+?) (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(")
+
+
+def collectives(hlo_text: str) -> Counter:
+    """(collective, result shape) -> count, from compiled HLO text (layouts dropped)."""
+    found = Counter()
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if match:
+            found[(match.group(2), re.sub(r"\{[^}]*\}", "", match.group(1)))] += 1
+    return found
+
+
+def all_expert_gathers(found: Counter, models, fsdp: int, tensor: int) -> list[str]:
+    """All-gathers whose result holds every routed expert's weights (leading dimension E, then d
+    and f whole or split by fsdp / tensor): what expert parallelism must never do."""
+    whole = set()
+    for m in models:
+        e, d, f = m.num_local_experts, m.hidden_size, m.intermediate_size
+        for a in {d, d // fsdp}:
+            for b in {f, f // tensor}:
+                whole |= {f"{e},{a},{b}", f"{e},{b},{a}"}
+    return [shape for (op, shape), _ in found.items()
+            if op == "all-gather" and set(re.findall(r"\[([0-9,]*)\]", shape)) & whole]
 
 
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES")

@@ -118,6 +118,31 @@ def _without_placement(resolved: dict) -> dict:
     return kept
 
 
+def jit_step(plan: StepPlan, state_sharding, batch_sharding_, warmup: int, *, with_students: bool):
+    """The step under `jax.jit` with explicit in/out shardings, the state's buffers donated."""
+    fn = lambda s, b: train_step(plan, s, b, with_students=with_students, student_step_offset=warmup)  # noqa: E731
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding_), out_shardings=(state_sharding, None),
+                   donate_argnums=(0,))
+
+
+def compiled_step(cfg: Config):
+    """The co-distillation step of `cfg` on its mesh, lowered and compiled from shapes alone (no
+    weights, no data): `.as_text()` is the HLO whose collectives docs/sharding.md lists."""
+    mesh, rules = make_mesh(cfg.mesh), cfg.mesh_rules()
+    models = _build_models(cfg, abstract=True)
+    plan = _plan(cfg, models, mesh)
+    shapes = abstract_state(plan, models)
+    state_sharding = state_shardings(plan, shapes)
+    micro_sharding = batch_sharding(mesh, rules, micro_batched=True)
+    accum = cfg.train.grad_accum
+    batch_shape = (accum, cfg.data.batch_size // accum, cfg.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if k == "mask" else jnp.int32, sharding=micro_sharding)
+             for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
+    step = jit_step(plan, state_sharding, micro_sharding, cfg.teacher.warmup_steps, with_students=True)
+    return step.lower(state, batch).compile()
+
+
 def _prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
     """Create or reuse the run directory; refuse one that holds another config's run.
 
@@ -213,13 +238,8 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
         state = jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
     warmup = cfg.teacher.warmup_steps
 
-    def compiled(with_students: bool):
-        fn = lambda s, b: train_step(plan, s, b, with_students=with_students, student_step_offset=warmup)  # noqa
-        return jax.jit(fn, in_shardings=(state_sharding, micro_sharding), out_shardings=(state_sharding, None),
-                       donate_argnums=(0,))
-
-    full_step = compiled(True)
-    teacher_step = compiled(False) if warmup else None
+    full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
+    teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
     eval_sharding = batch_sharding(mesh, rules)
     evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
 

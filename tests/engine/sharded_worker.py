@@ -2,16 +2,18 @@
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python sharded_worker.py JOBS_JSON
 
-JOBS_JSON: a list of {"run_dir", "mesh": {axis: size}, "stop_after": int | null}. Each job runs
-(or resumes) tests/engine/sharded.yaml on that mesh, then restores its latest checkpoint onto the
-same mesh and reports, as one JSON line per job on stdout: every parameter's addressable shard
-shapes, and per device the bytes the shardings imply against the bytes the arrays hold.
+JOBS_JSON: a list of {"run_dir", "mesh": {axis: size}, "stop_after": int | null, "collectives":
+bool}. Each job runs (or resumes) tests/engine/sharded.yaml on that mesh, then restores its latest
+checkpoint onto the same mesh and reports, as one JSON line per job on stdout: every parameter's
+addressable shard shapes, per device the bytes the shardings imply against the bytes the arrays
+hold, and (when asked) the collectives of the compiled step.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -19,8 +21,9 @@ import numpy as np
 
 import distill
 from distill.config import MeshConfig
-from distill.parallel import bytes_per_device
+from distill.parallel import all_expert_gathers, bytes_per_device, collectives
 from distill.runs import restore_state
+from distill.trainer import compiled_step
 
 CONFIG = Path(__file__).with_name("sharded.yaml")
 
@@ -38,7 +41,10 @@ def main() -> None:
     for job in json.loads(sys.argv[1]):
         mesh = {axis: 1 for axis in ("data", "fsdp", "tensor", "expert")} | job["mesh"]
         overrides = [f"run.dir={job['run_dir']}"] + [f"mesh.{axis}={size}" for axis, size in mesh.items()]
-        distill.run(distill.load_config(CONFIG, overrides), stop_after=job.get("stop_after"))
+        cfg = distill.load_config(CONFIG, overrides)
+        distill.run(cfg, stop_after=job.get("stop_after"))
+        found = collectives(compiled_step(cfg).as_text()) if job.get("collectives") else Counter()
+        models = [cfg.teacher_model()] + [cfg.student_model(i) for i in range(len(cfg.students))]
         _, _, state, step = restore_state(job["run_dir"], mesh=MeshConfig(**mesh))
         implied = bytes_per_device(state)  # from each array's sharding alone
         held = {}
@@ -52,6 +58,8 @@ def main() -> None:
             "teacher_opt": shard_shapes(state.teacher.opt_state),
             "bytes_implied": sorted(int(v) for v in implied.values()),
             "bytes_held": sorted(int(v) for v in held.values()),
+            "collectives": [[op, shape, count] for (op, shape), count in found.items()],
+            "all_expert_gathers": all_expert_gathers(found, models, mesh["fsdp"], mesh["tensor"]),
             "total_bytes": int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state))),
         }), flush=True)
 

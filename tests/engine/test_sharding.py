@@ -47,7 +47,8 @@ def rewound(run_dir: Path, to: Path) -> Path:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharding")
     one_device(root / "single")
-    jobs = [{"run_dir": str(root / name), "mesh": mesh} for name, mesh in MESHES.items()]
+    jobs = [{"run_dir": str(root / name), "mesh": mesh, "collectives": name == "dp_fsdp_ep"}
+            for name, mesh in MESHES.items()]
     # 1 -> 8 devices: steps 1-10 ran on one device, 11-20 run on the tensor-parallel mesh.
     jobs.append({"run_dir": str(rewound(root / "single", root / "to8")), "mesh": MESHES["dp_fsdp_tp"]})
     reports = run_worker(jobs)
@@ -128,3 +129,13 @@ def test_a_run_resumes_on_another_mesh(runs):
     assert_same_losses(root / "to8", root / "single")  # steps 1-10 on one device, 11-20 on 8
     assert reports[str(root / "to8")]["step"] == 20
     assert json.loads((root / "to8" / "summary.json").read_text())["resumed_from"] == 10
+
+
+def test_expert_parallel_step_moves_tokens_not_weights(runs):
+    root, reports = runs
+    report = reports[str(root / "dp_fsdp_ep")]
+    exchanged = [shape for op, shape, _ in report["collectives"] if op == "all-to-all"]
+    # Tokens travel to their experts' devices: [1 destination, C = 32 slots, d] per exchange,
+    # d = 32 for the teacher, 16 for the distilled student.
+    assert any("f32[1,32,32]" in shape for shape in exchanged) and any("f32[1,32,16]" in shape for shape in exchanged)
+    assert report["all_expert_gathers"] == []  # without expert parallelism GSPMD gathers f32[4,16,32] etc.
