@@ -147,27 +147,35 @@ def _prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
     """Create or reuse the run directory; refuse one that holds another config's run.
 
     A run resumes under a different mesh or sharding rules, or from a moved directory
-    (config.yaml then records the new values).
+    (config.yaml then records the new values). With several processes, process 0 decides and
+    writes; the others wait for it and take its answer (run.dir must be on a shared filesystem).
     """
     run_dir = cfg.run.path
+    existing = _prepare_as_writer(cfg, run_dir) if jax.process_index() == 0 else False
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        existing = bool(multihost_utils.broadcast_one_to_all(np.int32(existing)))
+    return run_dir, existing
+
+
+def _prepare_as_writer(cfg: Config, run_dir: Path) -> bool:
     config_file = run_dir / "config.yaml"
     resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    writer = jax.process_index() == 0
     if config_file.is_file():
         previous = yaml.safe_load(config_file.read_text())
         if _without_placement(previous) != _without_placement(resolved):
             changed = sorted(_diff_keys(_without_placement(previous), _without_placement(resolved)))
             raise ConfigError(f"run.dir={str(run_dir)!r} holds a run with a different config (changed: "
                               f"{', '.join(changed[:6])}); choose a new run.dir to start a new run")
-        if previous != resolved and writer:
+        if previous != resolved:
             save_config(cfg, config_file)
-        return run_dir, True
+        return True
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run.dir={str(run_dir)!r} exists and is not a distill run directory; choose another")
-    if writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, config_file)
-    return run_dir, False
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, config_file)
+    return False
 
 
 def _diff_keys(a, b, prefix=""):
