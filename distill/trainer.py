@@ -223,7 +223,6 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
     """
     started = time.time()
     initialize_distributed(cfg.mesh.distributed)
-    run_dir, existing = _prepare_run_dir(cfg)
     mesh = make_mesh(cfg.mesh)
     rules = cfg.mesh_rules()
     accum = cfg.train.grad_accum
@@ -240,6 +239,7 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
                               f"{data.vocab_size} tokens; the model needs at least as many")
     plan = _plan(cfg, abstract_models, mesh)
     state_sharding = state_shardings(plan, abstract_state(plan, abstract_models))
+    run_dir, existing = _prepare_run_dir(cfg)  # only once the config is known to place on this mesh
     if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
         state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
     else:  # a loaded teacher's weights are host arrays: place them

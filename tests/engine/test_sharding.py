@@ -139,3 +139,13 @@ def test_expert_parallel_step_moves_tokens_not_weights(runs):
     # d = 32 for the teacher, 16 for the distilled student.
     assert any("f32[1,32,32]" in shape for shape in exchanged) and any("f32[1,32,16]" in shape for shape in exchanged)
     assert report["all_expert_gathers"] == []  # without expert parallelism GSPMD gathers f32[4,16,32] etc.
+
+
+def test_a_mesh_the_model_cannot_split_is_refused_before_anything_is_written(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "run", str(CONFIG), f"run.dir={tmp_path / 'r'}", "mesh.data=1",
+         "mesh.expert=8"], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert result.returncode == 2
+    assert "its experts dimension (4) does not split over mesh expert=8" in result.stderr
+    assert not (tmp_path / "r").exists()
