@@ -24,10 +24,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from distill.config import load_config
+    from distill.guards import EXIT_CODES
     from distill.trainer import run
 
     summary = run(load_config(args.config, args.overrides), stop_after=args.stop_after)
-    return 0 if summary["status"] in ("completed", "stopped") else 1
+    return EXIT_CODES.get(summary["status"], 1)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -63,6 +64,32 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from distill.sweep import SweepError, check_metric, describe, load_sweep, report, run_sweep
+
+    sweep = load_sweep(args.sweep, out=args.dir)
+    check_metric(sweep, args.metric)
+    if args.dry_run:
+        print(describe(sweep))
+        return 0
+    if args.report:
+        if not sweep.out.is_dir():
+            raise SweepError(f"--report: {sweep.out} does not exist; run the sweep first (or give its --dir)")
+        print(report(sweep, metric=args.metric, maximize=args.maximize).markdown())
+        return 0
+    try:
+        results = run_sweep(sweep, parallel=args.parallel, launcher=args.launcher, metric=args.metric,
+                            maximize=args.maximize)
+    except KeyboardInterrupt:
+        print("distill sweep: interrupted; run the same command again to resume (report: --report)", file=sys.stderr)
+        return 130
+    bad = [name for name, r in results.items() if r.status not in ("completed", "submitted")]
+    if bad:
+        print(f"distill sweep: {len(bad)} of {len(results)} runs did not complete: {', '.join(bad)} "
+              f"(logs: {args.dir or sweep.out}/<name>/sweep.log)", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     import_hf.add_argument("out")
     import_hf.add_argument("--allow-pickle", action="store_true", help="accept *.bin pickle weights (trusted only)")
     import_hf.set_defaults(handler=_import_hf)
+    sweep = commands.add_parser("sweep", help="run a sweep file: many runs of one config, resumable, with a "
+                                              "summary table (docs/sweeps.md)")
+    sweep.add_argument("sweep", help="the sweep's YAML file, e.g. experiments/sweeps/temperature.yaml")
+    sweep.add_argument("--dir", default=None, metavar="OUT", help="where the runs go (default: "
+                                                                   "runs/sweeps/<sweep file stem>)")
+    sweep.add_argument("--parallel", type=int, default=None, metavar="N",
+                       help="runs at a time (default: 1 with <= 2 cores, else cores // 2)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their commands; run nothing")
+    sweep.add_argument("--report", action="store_true", help="only write and print the summary tables")
+    sweep.add_argument("--launcher", default=None, metavar="CMD",
+                       help="hand each unfinished run to CMD (its command appended, or substituted for "
+                            "{command}; {name}, {dir} too), e.g. 'sbatch --wrap \"{command}\"'")
+    sweep.add_argument("--metric", default=None, help="sort by this column (default: the first non-control "
+                                                      "student's bpb), e.g. bpb/teacher or distilled_vs_control_pct")
+    sweep.add_argument("--maximize", action="store_true", help="higher --metric is better")
+    sweep.set_defaults(handler=_sweep)
     bench = commands.add_parser("bench", help="run a benchmark script from experiments/bench and print its tables")
     bench.add_argument("name", help="benchmark name, e.g. model or losses")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")

@@ -92,6 +92,7 @@ class TeacherConfig:
     path: str | None = None  # the run or HF directory for source run/hf
     trainable: bool | None = None  # null: trains when source is scratch (co-distillation), else frozen
     warmup_steps: int = 0  # teacher-only steps before the students start
+    warmup_fraction: float | None = None  # the same as a fraction of train.steps (replaces warmup_steps)
     target: Literal["live", "ema", "stale"] = "live"  # which copy the students distil from
     ema_decay: float = 0.99  # target ema: target = decay * target + (1 - decay) * teacher, every step
     refresh_every: int = 100  # target stale: copy the teacher into the target every this many steps
@@ -106,6 +107,8 @@ class TeacherConfig:
             raise ConfigError(f"teacher.path: required when teacher.source is {self.source!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"teacher.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.warmup_fraction is not None and not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(f"teacher.warmup_fraction={self.warmup_fraction}: must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"teacher.ema_decay={self.ema_decay}: must be in [0, 1)")
         if self.refresh_every < 1:
@@ -161,6 +164,9 @@ class TrainConfig:
     log_every: int = 10  # metrics to metrics.jsonl / TensorBoard and the progress line
     checkpoint_every: int = 100  # orbax checkpoint interval (and at the end)
     keep_checkpoints: int = 2  # checkpoints kept (max_to_keep)
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf gradient: skip that model's update (counted
+    # in <model>/skipped_updates), or stop at the next log or checkpoint step, leaving the last checkpoint intact
+    debug_nonfinite_step: int | None = None  # testing hook: every gradient is NaN at this step
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -199,9 +205,9 @@ class Config:
             if self.data.seq_len > model.max_position_embeddings:
                 raise ConfigError(f"data.seq_len={self.data.seq_len}: longer than {role}.model."
                                   f"max_position_embeddings ({model.max_position_embeddings})")
-        if self.train.steps <= self.teacher.warmup_steps:
+        if self.train.steps <= self.teacher_warmup():
             raise ConfigError(f"train.steps={self.train.steps}: must exceed teacher.warmup_steps "
-                              f"({self.teacher.warmup_steps}) so the students train")
+                              f"({self.teacher_warmup()}) so the students train")
         self.teacher_rules()
         for i in range(len(self.students)):
             self.student_rules(i)
@@ -216,6 +222,11 @@ class Config:
     def student_model(self, index: int) -> ModelConfig:
         s = self.students[index]
         return _model_config(s.preset, s.model, STUDENT_PRESETS, f"students[{index}]")
+
+    def teacher_warmup(self) -> int:
+        """Teacher-only steps: `warmup_fraction` of the steps when set, else `warmup_steps`."""
+        fraction = self.teacher.warmup_fraction
+        return self.teacher.warmup_steps if fraction is None else int(round(fraction * self.train.steps))
 
     def mesh_rules(self) -> dict:
         """The logical-axis rules of the run: the defaults with `mesh.rules` applied."""

@@ -45,11 +45,15 @@ class Progress:
         self._emit(" | ".join(parts))
 
     def note(self, step: int, metrics: dict[str, float]) -> None:
-        """A permanent line (evaluation results)."""
+        """A permanent line with the evaluation results."""
         bpb = ", ".join(f"{k.split('/')[-2]} {v:.3f}" for k, v in metrics.items() if k.endswith("/bpb"))
+        self.message(f"eval @ {step}: bpb {bpb}")
+
+    def message(self, text: str) -> None:
+        """A permanent line (evaluation results, warnings)."""
         if self.live:
             self.stream.write("\n")
-        self._emit(f"eval @ {step}: bpb {bpb}")
+        self._emit(text)
         if self.live:
             self.stream.write("\n")
 

@@ -108,7 +108,8 @@ def evaluate_run(run_dir: str | Path, *, max_batches: int | None = None, step: i
     cfg, step, teacher, students = load_models(run_dir, step)
     plan = _plan(cfg, Models(teacher, list(students.values())), single_device_mesh())
     state = TrainState(step=step, teacher=ModelState(nnx.state(teacher, nnx.Param), None), target=None,
-                       students=tuple(ModelState(nnx.state(m, nnx.Param), None) for m in students.values()))
+                       students=tuple(ModelState(nnx.state(m, nnx.Param), None) for m in students.values()),
+                       skipped=None, last_skipped=None)
     data = build_data(cfg.data, seed=cfg.train.seed)
     evaluate = jax.jit(lambda s, b: eval_step(plan, s, b))
     sums: dict[str, float] = {}

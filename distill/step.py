@@ -43,6 +43,8 @@ class TrainState:
     teacher: ModelState
     target: Any  # params the students distil from when teacher.target is ema/stale, else None
     students: tuple[ModelState, ...]
+    skipped: jax.Array  # int32 [1 + students]: updates skipped for a non-finite gradient (teacher first)
+    last_skipped: jax.Array  # int32 [1 + students]: the step of the latest one (-1: none)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class StepPlan:
     students: tuple[StudentPlan, ...]
     grad_accum: int
     teacher_sharding: ShardingContext | None = None  # mesh + the teacher's logical-axis rules
+    debug_nonfinite_step: int | None = None  # testing hook: every gradient is NaN at this step
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -178,8 +181,12 @@ def _teacher_loss(outputs, batch: Batch, cfg: TeacherConfig, num_experts: int, s
 
 
 def _apply(tx, params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    """The optimizer update, or none at all when the gradient is not finite (NaN/inf): parameters
+    and optimizer state stay as they were. Returns (params, opt_state, updated)."""
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    finite = jnp.isfinite(optax.tree.norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    return keep(optax.apply_updates(params, updates), params), keep(new_opt_state, opt_state), finite
 
 
 def _target_after(plan: StepPlan, target, new_teacher_params, step):
@@ -260,13 +267,17 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
     tokens = jnp.sum(batch["mask"], axis=tuple(range(1, batch["mask"].ndim)))
     weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
     (teacher_grads, student_grads), (t_metrics, t_load, s_metrics) = jax.lax.scan(micro, init, (batch, weights))
+    if plan.debug_nonfinite_step is not None:
+        poison = jnp.where(state.step + 1 == plan.debug_nonfinite_step, jnp.nan, 1.0)
+        teacher_grads, student_grads = jax.tree.map(lambda g: g * poison, (teacher_grads, student_grads))
+    updated = [jnp.bool_(True)] * (1 + len(state.students))  # a model that does not step is not skipped
     metrics = {f"teacher/{k}": v for k, v in _sum_over_micro(t_metrics).items()}
     metrics["teacher/expert_load"] = jnp.sum(t_load, axis=0)
 
     teacher, target = state.teacher, state.target
     if teacher_trains:
         metrics["teacher/grad_norm"] = optax.tree.norm(teacher_grads)
-        params, opt_state = _apply(plan.teacher_tx, teacher.params, teacher.opt_state, teacher_grads)
+        params, opt_state, updated[0] = _apply(plan.teacher_tx, teacher.params, teacher.opt_state, teacher_grads)
         teacher = ModelState(params=params, opt_state=opt_state)
         metrics["teacher/lr"] = current_lr(opt_state)
         if target is not None:
@@ -279,10 +290,17 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         metrics.update({prefix + k: v for k, v in _sum_over_micro(scalars).items()})
         metrics[prefix + "expert_load"] = jnp.sum(load, axis=0)
         metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
-        params, opt_state = _apply(sp.tx, state.students[i].params, state.students[i].opt_state, grads)
+        params, opt_state, updated[1 + i] = _apply(sp.tx, state.students[i].params, state.students[i].opt_state, grads)
         new_students[i] = ModelState(params=params, opt_state=opt_state)
         metrics[prefix + "lr"] = current_lr(opt_state)
-    new_state = TrainState(step=state.step + 1, teacher=teacher, target=target, students=tuple(new_students))
+    skipped_now = ~jnp.stack(updated)
+    skipped = state.skipped + skipped_now.astype(jnp.int32)
+    last_skipped = jnp.where(skipped_now, state.step + 1, state.last_skipped)
+    metrics["teacher/skipped_updates"] = skipped[0]
+    for i, sp in enumerate(students):
+        metrics[f"student/{sp.name}/skipped_updates"] = skipped[1 + i]
+    new_state = TrainState(step=state.step + 1, teacher=teacher, target=target, students=tuple(new_students),
+                           skipped=skipped, last_skipped=last_skipped)
     return new_state, metrics
 
 

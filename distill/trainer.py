@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from distill.checkpoint import Checkpoints, abstract_like
 from distill.config import Config, save_config
 from distill.data import build_data
+from distill.guards import RunLock, StopSignals
 from distill.logging import RunLogger
 from distill.model import ConfigError, build_model
 from distill.model.sharding import ShardingContext
@@ -62,7 +64,7 @@ def abstract_state(plan: StepPlan, models: Models) -> TrainState:
 
 def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
     steps = cfg.train.steps
-    student_steps = steps - cfg.teacher.warmup_steps
+    student_steps = steps - cfg.teacher_warmup()
     t_graph, _ = nnx.split(models.teacher)
     teacher_tx = make_optimizer(cfg.teacher.optim or cfg.optim, steps) if cfg.teacher.trains else None
     t_cfg = models.teacher.cfg
@@ -80,6 +82,7 @@ def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
                                  router_kd=router_kd, sharding=ShardingContext(mesh, cfg.student_rules(i))))
     return StepPlan(teacher_graph=t_graph, teacher_tx=teacher_tx, teacher=cfg.teacher,
                     teacher_experts=t_cfg.num_local_experts, students=tuple(plans), grad_accum=cfg.train.grad_accum,
+                    debug_nonfinite_step=cfg.train.debug_nonfinite_step,
                     teacher_sharding=ShardingContext(mesh, cfg.teacher_rules()))
 
 
@@ -89,7 +92,9 @@ def _initial_state(plan: StepPlan, models: Models) -> TrainState:
     target = jax.tree.map(jnp.copy, t_params) if plan.teacher_tx and plan.teacher.target != "live" else None
     student_params = [nnx.state(m, nnx.Param) for m in models.students]
     students = tuple(ModelState(p, sp.tx.init(p)) for sp, p in zip(plan.students, student_params))
-    return TrainState(step=jnp.zeros((), jnp.int32), teacher=teacher, target=target, students=students)
+    models = 1 + len(students)
+    return TrainState(step=jnp.zeros((), jnp.int32), teacher=teacher, target=target, students=students,
+                      skipped=jnp.zeros((models,), jnp.int32), last_skipped=jnp.full((models,), -1, jnp.int32))
 
 
 def state_shardings(plan: StepPlan, state: TrainState) -> TrainState:
@@ -104,8 +109,9 @@ def state_shardings(plan: StepPlan, state: TrainState) -> TrainState:
     teacher = model_sharding(state.teacher, plan.teacher_tx, plan.teacher_sharding, "teacher")
     students = tuple(model_sharding(s, sp.tx, sp.sharding, f"students[{i}] ({sp.name})")
                      for i, (s, sp) in enumerate(zip(state.students, plan.students)))
-    return TrainState(step=replicated(plan.teacher_sharding.mesh), teacher=teacher,
-                      target=None if state.target is None else teacher.params, students=students)
+    whole = replicated(plan.teacher_sharding.mesh)
+    return TrainState(step=whole, teacher=teacher, target=None if state.target is None else teacher.params,
+                      students=students, skipped=whole, last_skipped=whole)
 
 
 def _without_placement(resolved: dict) -> dict:
@@ -139,7 +145,7 @@ def compiled_step(cfg: Config):
     batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if k == "mask" else jnp.int32, sharding=micro_sharding)
              for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
-    step = jit_step(plan, state_sharding, micro_sharding, cfg.teacher.warmup_steps, with_students=True)
+    step = jit_step(plan, state_sharding, micro_sharding, cfg.teacher_warmup(), with_students=True)
     return step.lower(state, batch).compile()
 
 
@@ -244,20 +250,35 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
         state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
     else:  # a loaded teacher's weights are host arrays: place them
         state = jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
-    warmup = cfg.teacher.warmup_steps
+    warmup = cfg.teacher_warmup()
 
     full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
     teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
     eval_sharding = batch_sharding(mesh, rules)
     evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
 
+    lock = RunLock(run_dir) if jax.process_index() == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        return _loop(cfg, run_dir, existing, state, data, plan, (full_step, teacher_step, evaluate),
+                     (micro_sharding, micro_shape, rows, eval_sharding), stop_after, started)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_after, started) -> dict:
+    full_step, teacher_step, evaluate = compiled
+    micro_sharding, micro_shape, rows, eval_sharding = placement
+    accum, warmup = cfg.train.grad_accum, cfg.teacher_warmup()
     checkpoints = Checkpoints(run_dir, keep=cfg.train.keep_checkpoints)
     per_process = rows.stop - rows.start
     iterator = data.train_iterator(rows.start // per_process, micro_shape[1] // per_process)
     start = 0
-    latest = checkpoints.latest_step() if existing else None
-    if latest is not None:
-        state, meta = checkpoints.restore(latest, abstract_like(state))
+    restored = checkpoints.restore_latest(abstract_like(state)) if existing else None
+    if restored is not None:
+        state, meta = restored
         iterator.restore(meta["data"])
         start = int(meta["step"])
     eval_shape = (cfg.data.batch_size, cfg.data.seq_len)
@@ -274,10 +295,21 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
                 sums[k] = sums.get(k, 0.0) + float(v)
         return eval_metrics(sums)
 
+    names = ["teacher"] + [s.name for s in cfg.students]
+    skipped_before = np.asarray(jax.device_get(state.skipped))
+
+    def nonfinite_report() -> str | None:
+        """None, or what was skipped since the last look (a small device read at log/checkpoint steps)."""
+        nonlocal skipped_before
+        skipped, last = (np.asarray(x) for x in jax.device_get((state.skipped, state.last_skipped)))
+        new = [f"{names[i]} (step {last[i]}, {skipped[i]} so far)" for i in np.flatnonzero(skipped > skipped_before)]
+        skipped_before = skipped
+        return f"non-finite gradient, update skipped: {', '.join(new)}" if new else None
+
     steps = cfg.train.steps
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     logger = RunLogger(run_dir, hparams=_hparams(cfg), enabled=jax.process_index() == 0,
-                       resume_step=start if latest is not None else None)
+                       resume_step=start if restored is not None else None)
     progress = Progress(total=steps, start=start, enabled=jax.process_index() == 0)
     if start == 0:
         logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
@@ -285,39 +317,60 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
     status = "completed"
     window_start, window_steps = time.time(), 0
     try:
-        for step in range(start, steps):
-            batch = global_batch(_micro_batches(next(iterator), accum), micro_sharding, micro_shape)
-            step_fn = teacher_step if step < warmup else full_step
-            state, metrics = step_fn(state, batch)
-            window_steps += 1
-            done = step + 1
-            if done % cfg.train.log_every == 0 or done == steps:
-                scalars, arrays = _scalars(metrics)
-                elapsed = time.time() - window_start
-                scalars["perf/tokens_per_second"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
-                scalars["perf/step_seconds"] = elapsed / window_steps
-                window_start, window_steps = time.time(), 0
-                for tag, values in arrays.items():
-                    for layer, load in enumerate(values if values.ndim == 2 else [values]):
-                        logger.log_histogram(done, f"{tag}/layer{layer}", load)
-                    if values.size:
-                        scalars[f"{tag}_max"] = float(values.max() * values.shape[-1])
-                logger.log(done, scalars)
-                progress.update(done, scalars)
-            if done % cfg.train.eval_every == 0 or done == steps:
+        with StopSignals() as signals:
+            for step in range(start, steps):
+                batch = global_batch(_micro_batches(next(iterator), accum), micro_sharding, micro_shape)
+                step_fn = teacher_step if step < warmup else full_step
+                state, metrics = step_fn(state, batch)
+                window_steps += 1
+                done = step + 1
+                checkpoint_due = done % cfg.train.checkpoint_every == 0 or done == steps
+                if done % cfg.train.log_every == 0 or checkpoint_due:
+                    problem = nonfinite_report()
+                    if problem and cfg.train.on_nonfinite == "stop":
+                        last = checkpoints.latest_step()
+                        print(f"distill run: {problem}; train.on_nonfinite=stop, so the run stops at step {done} "
+                              f"without saving: the last checkpoint (step {last}) is intact. Fix the cause, or "
+                              "resume with train.on_nonfinite=skip", file=sys.stderr)
+                        status = "nonfinite"
+                        break
+                    if problem:
+                        progress.message(f"step {done}: warning: {problem}")
+                if done % cfg.train.log_every == 0 or done == steps:
+                    scalars, arrays = _scalars(metrics)
+                    elapsed = time.time() - window_start
+                    scalars["perf/tokens_per_second"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
+                    scalars["perf/step_seconds"] = elapsed / window_steps
+                    window_start, window_steps = time.time(), 0
+                    for tag, values in arrays.items():
+                        for layer, load in enumerate(values if values.ndim == 2 else [values]):
+                            logger.log_histogram(done, f"{tag}/layer{layer}", load)
+                        if values.size:
+                            scalars[f"{tag}_max"] = float(values.max() * values.shape[-1])
+                    logger.log(done, scalars)
+                    progress.update(done, scalars)
+                if done % cfg.train.eval_every == 0 or done == steps:
+                    last_eval = run_eval()
+                    logger.log(done, last_eval)
+                    progress.note(done, last_eval)
+                stopping = stop_after is not None and done - start >= stop_after and done < steps
+                if checkpoint_due or stopping or signals.status:
+                    checkpoints.save(done, state, {"step": done, "data": iterator.state()})
+                if signals.status and done < steps:
+                    status = signals.status
+                    print(f"\ndistill run: {status} at step {done}: checkpoint saved; run the same command to "
+                          "resume", file=sys.stderr)
+                    break
+                if stopping:
+                    status = "stopped"
+                    break
+            if not last_eval and status == "completed":  # a finished run started again: report its final state
                 last_eval = run_eval()
-                logger.log(done, last_eval)
-                progress.note(done, last_eval)
-            stopping = stop_after is not None and done - start >= stop_after and done < steps
-            if done % cfg.train.checkpoint_every == 0 or done == steps or stopping:
-                checkpoints.save(done, state, {"step": done, "data": iterator.state()})
-            if stopping:
-                status = "stopped"
-                break
-        if not last_eval:  # a finished run started again: report its final state
-            last_eval = run_eval()
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except Exception:
+        status = "failed"
         raise
     finally:
         checkpoints.close()
