@@ -322,3 +322,13 @@ def test_every_sweep_file_in_the_repository_loads(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     for path in [*HERE.glob("*.yaml"), *(ROOT / "experiments" / "sweeps").glob("*.yaml")]:
         assert load_sweep(path, out=tmp_path / path.stem).runs
+
+
+def test_the_minimal_form_on_the_quickstart_validates_every_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = tmp_path / "minimal.yaml"
+    spec.write_text("{base: experiments/quickstart.yaml, overrides: {train.steps: 20}, "
+                    "grid: {loss.temperature: [1.0, 2.0]}, seeds: [0, 1]}\n")
+    runs = load_sweep(spec, out=tmp_path / "out").runs
+    assert [run.name for run in runs] == ["temperature-1.0_seed-0", "temperature-2.0_seed-0",
+                                          "temperature-1.0_seed-1", "temperature-2.0_seed-1"]
