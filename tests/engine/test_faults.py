@@ -129,3 +129,34 @@ time.sleep(120)
         holder.kill()
         holder.wait()
     distill.run(tiny(run_dir, "train.steps=4", "teacher.warmup_steps=0"))  # the lock died with its holder
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_resumes_to_the_uninterrupted_result(tmp_path):
+    """Five SIGKILLs at random times (mid-step, mid-checkpoint, mid-evaluation), each followed by
+    the same command: the end state equals an uninterrupted run's and no step is logged twice."""
+    settings = ["train.steps=400", "train.log_every=10", "train.eval_every=100", "train.checkpoint_every=50"]
+    run_dir = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    kills = 0
+    while kills < 5:
+        process = subprocess.Popen(CLI + [f"run.dir={run_dir}", *settings], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        seen = len(logged_steps(run_dir))
+        deadline = time.time() + 300
+        while len(logged_steps(run_dir)) <= seen and process.poll() is None:  # resumed and stepping
+            assert time.time() < deadline
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 2.0))
+        if process.poll() is not None:  # finished before the kill: start again from scratch
+            break
+        process.kill()
+        process.wait()
+        kills += 1
+    assert kills == 5
+    result = subprocess.run(CLI + [f"run.dir={run_dir}", *settings], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert logged_steps(run_dir) == list(range(10, 401, 10))
+    distill.run(tiny(tmp_path / "whole", *settings))
+    for a, b in zip(leaves(checkpoint_tree(run_dir)[1]), leaves(checkpoint_tree(tmp_path / "whole")[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
