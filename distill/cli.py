@@ -90,6 +90,12 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _tb(args: argparse.Namespace) -> int:
+    from distill.tb import serve
+
+    return serve(args.dir, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -131,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "student's bpb), e.g. bpb/teacher or distilled_vs_control_pct")
     sweep.add_argument("--maximize", action="store_true", help="higher --metric is better")
     sweep.set_defaults(handler=_sweep)
+    tb = commands.add_parser("tb", help="TensorBoard on 127.0.0.1 for a run, sweep or runs directory")
+    tb.add_argument("dir", help="a run directory, a sweep directory, or runs/")
+    tb.add_argument("--port", type=int, default=None, help="default: a free port")
+    tb.set_defaults(handler=_tb)
     bench = commands.add_parser("bench", help="run a benchmark script from experiments/bench and print its tables")
     bench.add_argument("name", help="benchmark name, e.g. model or losses")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
