@@ -1,7 +1,7 @@
 """The device mesh of a run and the placement of batches and model states on it.
 
 Axes `data`, `fsdp`, `tensor`, `expert` (sizes from the `mesh:` section, -1 fills the rest).
-Parameters carry logical axis names; `DEFAULT_RULES` maps them to mesh axes (MaxText's
+Parameters carry logical axis names; `distill.model.sharding.DEFAULT_RULES` maps them to mesh axes (MaxText's
 `logical_axis_rules` in spirit): the batch over data x fsdp x expert, `embed` over fsdp (ZeRO-3
 style: weights gathered where they are used), heads / mlp / vocab over tensor (Megatron style),
 `experts` over expert (expert parallelism, see `distill.model.expert_parallel`). Each model may
@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill.config import MeshConfig
 from distill.model.config import ConfigError
-from distill.model.sharding import AXES, DEFAULT_RULES, Rules, logical_to_spec, mesh_axes_of, resolve_rules
+from distill.model.sharding import AXES, Rules, logical_to_spec, mesh_axes_of
+
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
     sizes = [getattr(cfg, axis) for axis in AXES]
