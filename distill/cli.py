@@ -90,6 +90,15 @@ def _sweep(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from distill.compare import curves, plot, run_dirs, table
+
+    series = curves(run_dirs(args.dirs), args.metric)
+    print(table(series, args.metric))
+    print(f"plot: {plot(series, args.metric, args.out)}")
+    return 0
+
+
 def _tb(args: argparse.Namespace) -> int:
     from distill.tb import serve
 
@@ -137,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "student's bpb), e.g. bpb/teacher or distilled_vs_control_pct")
     sweep.add_argument("--maximize", action="store_true", help="higher --metric is better")
     sweep.set_defaults(handler=_sweep)
+    compare = commands.add_parser("compare", help="one metric of several runs (or a sweep's runs) on one plot")
+    compare.add_argument("dirs", nargs="+", help="run directories, or folders of runs (a sweep)")
+    compare.add_argument("--metric", required=True, help="a logged tag, e.g. eval/student/distilled/bpb")
+    compare.add_argument("--out", default="compare.png", help="the PNG to write")
+    compare.set_defaults(handler=_compare)
     tb = commands.add_parser("tb", help="TensorBoard on 127.0.0.1 for a run, sweep or runs directory")
     tb.add_argument("dir", help="a run directory, a sweep directory, or runs/")
     tb.add_argument("--port", type=int, default=None, help="default: a free port")
