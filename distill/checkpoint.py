@@ -7,7 +7,9 @@ the abstract target's structure, dtypes and shardings.
 
 from __future__ import annotations
 
+import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -16,19 +18,46 @@ import orbax.checkpoint as ocp
 from distill.model.config import ConfigError
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions); earlier ones are intact."""
+
+
 class Checkpoints:
     def __init__(self, run_dir: Path, *, keep: int):
         self.directory = (Path(run_dir) / "checkpoints").absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._writing: int | None = None  # the step whose asynchronous save may still be running
+        self._failed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Start saving `state` (a pytree of arrays) and `meta` (JSON) at `step`; returns at once."""
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        """Start saving `state` (a pytree of arrays) and `meta` (JSON) at `step`; returns at once.
+
+        Raises `CheckpointWriteError` when this save, or the previous asynchronous one, fails.
+        """
+        previous, self._writing = self._writing, step
+        try:
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as error:  # the previous save's error surfaces here too
+            failed = previous if previous is not None and previous not in committed_steps(self.directory) else step
+            raise self._write_error(failed, error) from error
+
+    def _write_error(self, step: int, error: Exception) -> CheckpointWriteError:
+        """The error for a failed save at `step`, after removing its partial (temporary) files."""
+        self._failed = True
+        for partial in self.directory.glob(f"{step}.*tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        intact = [s for s in committed_steps(self.directory) if s != step]
+        kept = (f"the previous checkpoint (step {intact[-1]}) is intact and a rerun resumes from it" if intact
+                else "no earlier checkpoint exists, so a rerun starts from step 0")
+        reason = str(error).strip().splitlines()[-1][:500] if str(error).strip() else ""
+        return CheckpointWriteError(f"the checkpoint at step {step} could not be written ({type(error).__name__}: "
+                                    f"{reason}) under {self.directory}; {kept}. Free disk space (or fix "
+                                    "permissions) and run the same command")
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """The state at `step`, shaped (and sharded) like `abstract_state`, and its metadata."""
@@ -38,9 +67,11 @@ class Checkpoints:
 
     def restore_latest(self, abstract_state) -> tuple[object, dict] | None:
         """The newest checkpoint that reads back whole, or None when there is none. An unreadable
-        one (a truncated or deleted file) is reported on stderr and the one before it is tried."""
+        one (a truncated or deleted file) is reported on stderr and the one before it is tried; a
+        readable one of other shapes (the config's models changed) is a ConfigError naming them."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for i, step in enumerate(steps):
+            check_shapes(self.directory / str(step), abstract_state)
             try:
                 restored = self.restore(step, abstract_state)
             except Exception as error:  # orbax/tensorstore raise many types for a damaged checkpoint
@@ -59,11 +90,50 @@ class Checkpoints:
         return None
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the pending save is committed; `CheckpointWriteError` if it failed."""
+        if self._failed:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(self._writing, error) from error
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            if not self._failed:
+                self.manager.close()
+
+
+def check_shapes(step_dir: Path, abstract_state) -> None:
+    """ConfigError when the checkpoint in `step_dir` holds arrays of other shapes or dtypes than
+    `abstract_state` (the config's models or optimizers changed). A checkpoint whose metadata does
+    not read is left to the restore, which treats it as damaged."""
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(Path(step_dir).absolute() / "state")
+    except Exception:  # noqa: BLE001 - any unreadable metadata: a damaged checkpoint
+        return
+    saved = Counter(_signature(x) for x in jax.tree.leaves(getattr(metadata, "item_metadata", metadata)))
+    needed = Counter(_signature(x) for x in jax.tree.leaves(abstract_state))
+    if saved == needed or not saved:  # no arrays at all: truncated metadata, a damaged checkpoint
+        return
+    only_saved, only_needed = saved - needed, needed - saved
+    raise ConfigError(f"checkpoint {step_dir} holds another state than this config's models and optimizers "
+                      f"({sum(only_saved.values())} saved arrays have shapes it does not build, e.g. "
+                      f"{sorted(only_saved)[:2]}; {sum(only_needed.values())} it needs are missing, e.g. "
+                      f"{sorted(only_needed)[:2]}); a resumed run keeps every shape: undo the model or optimizer "
+                      "change, or start anew with --force-new or another run.dir")
+
+
+def committed_steps(directory: Path) -> list[int]:
+    """Steps under a checkpoints/ directory that orbax finished (renamed from their temporary name)."""
+    directory = Path(directory)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def _signature(array) -> tuple[tuple[int, ...], str]:
+    return tuple(array.shape), str(array.dtype)
 
 
 def abstract_like(state):

@@ -15,7 +15,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.checkpoint import Checkpoints, abstract_like
+from distill.checkpoint import CheckpointWriteError, Checkpoints, abstract_like, check_shapes, committed_steps
 from distill.config import Config, save_config
 from distill.data import build_data
 from distill.guards import RunLock, StopSignals
@@ -149,39 +149,97 @@ def compiled_step(cfg: Config):
     return step.lower(state, batch).compile()
 
 
-def _prepare_run_dir(cfg: Config) -> tuple[Path, bool]:
-    """Create or reuse the run directory; refuse one that holds another config's run.
+ON_CHANGED_CONFIG = ("refuse", "resume", "new")
 
-    A run resumes under a different mesh or sharding rules, or from a moved directory
-    (config.yaml then records the new values). With several processes, process 0 decides and
-    writes; the others wait for it and take its answer (run.dir must be on a shared filesystem).
+
+def _prepare_run_dir(cfg: Config, on_changed_config: str) -> tuple[Path, bool, RunLock | None]:
+    """Create or reuse the run directory and lock it; what happens when it holds a run of another
+    config is `on_changed_config`'s choice (see `run`). Returns (dir, resuming?, the held lock).
+
+    A run resumes under a different mesh or sharding rules, or from a moved directory, without
+    asking (config.yaml then records the new values). With several processes, process 0 decides
+    and writes; the others wait for it and take its answer (run.dir must be on a shared filesystem).
     """
+    if on_changed_config not in ON_CHANGED_CONFIG:
+        raise ConfigError(f"on_changed_config={on_changed_config!r}: choose one of {', '.join(ON_CHANGED_CONFIG)}")
     run_dir = cfg.run.path
-    existing = _prepare_as_writer(cfg, run_dir) if jax.process_index() == 0 else False
+    existing, lock = _prepare_as_writer(cfg, run_dir, on_changed_config) if jax.process_index() == 0 else (False, None)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         existing = bool(multihost_utils.broadcast_one_to_all(np.int32(existing)))
-    return run_dir, existing
+    return run_dir, existing, lock
 
 
-def _prepare_as_writer(cfg: Config, run_dir: Path) -> bool:
+def _prepare_as_writer(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[bool, RunLock]:
+    config_file = run_dir / "config.yaml"
+    occupied = run_dir.exists() and any(run_dir.iterdir())
+    if on_changed_config == "resume" and not config_file.is_file():
+        raise ConfigError(f"--resume: run.dir={str(run_dir)!r} holds no run to resume (no config.yaml); "
+                          "drop --resume to start a new run there")
+    if occupied and not config_file.is_file() and on_changed_config != "new":
+        raise ConfigError(f"run.dir={str(run_dir)!r} exists and is not a distill run directory; choose "
+                          "another (or pass --force-new to move its contents aside)")
+    if occupied and on_changed_config == "new":
+        _move_aside(run_dir)
+    if on_changed_config == "refuse" and config_file.is_file():
+        _config_changes(cfg, run_dir, on_changed_config)  # refuse before touching anything (the lock file too)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir)
+    lock.acquire()  # before anything in the directory changes
+    try:
+        return _write_config(cfg, run_dir, on_changed_config), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _write_config(cfg: Config, run_dir: Path, on_changed_config: str) -> bool:
+    """Write config.yaml for a new run, or check it against a previous run's; True: resume."""
     config_file = run_dir / "config.yaml"
     resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if config_file.is_file():
-        previous = yaml.safe_load(config_file.read_text())
-        if _without_placement(previous) != _without_placement(resolved):
-            changed = sorted(_diff_keys(_without_placement(previous), _without_placement(resolved)))
-            raise ConfigError(f"run.dir={str(run_dir)!r} holds a run with a different config (changed: "
-                              f"{', '.join(changed[:6])}); choose a new run.dir to start a new run")
-        if previous != resolved:
-            save_config(cfg, config_file)
-        return True
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"run.dir={str(run_dir)!r} exists and is not a distill run directory; choose another")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, config_file)
-    return False
+    if not config_file.is_file():
+        save_config(cfg, config_file)
+        return False
+    previous, changed = _config_changes(cfg, run_dir, on_changed_config)
+    if changed:  # resume under the new config; the old one stays beside it
+        kept = _unused_path(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        config_file.rename(kept)
+        print(f"distill run: resuming {run_dir} under a changed config ({', '.join(changed[:6])}); the previous "
+              f"config is {kept.name}", file=sys.stderr)
+    if previous != resolved:
+        save_config(cfg, config_file)
+    return True
+
+
+def _config_changes(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[dict, list[str]]:
+    """(the run's previous config, the keys `cfg` changes in it); refused unless resuming."""
+    previous = yaml.safe_load((run_dir / "config.yaml").read_text())
+    resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    changed = sorted(_diff_keys(_without_placement(previous), _without_placement(resolved)))
+    if changed and on_changed_config != "resume":
+        raise ConfigError(f"run.dir={str(run_dir)!r} holds a run with a different config (changed: "
+                          f"{', '.join(changed[:6])}); pass --resume to continue it under the new config, "
+                          "--force-new to move it aside and start anew, or choose another run.dir")
+    return previous, changed
+
+
+def _unused_path(path: Path) -> Path:
+    candidates = (path.with_name(f"{path.stem}-{n}{path.suffix}") for n in range(1, 10_000))
+    return path if not path.exists() else next(p for p in candidates if not p.exists())
+
+
+def _move_aside(run_dir: Path) -> None:
+    """--force-new: the old run keeps all its files, renamed to a sibling directory; refused
+    while another process holds the run."""
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        kept = _unused_path(run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
+        run_dir.rename(kept)
+    finally:
+        lock.release()
+    print(f"distill run: --force-new: the previous contents of {run_dir} are now in {kept}", file=sys.stderr)
 
 
 def _diff_keys(a, b, prefix=""):
@@ -221,11 +279,15 @@ def _scalars(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     return scalars, arrays
 
 
-def run(cfg: Config, *, stop_after: int | None = None) -> dict:
+def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = "refuse") -> dict:
     """Run (or resume) one experiment; returns the summary also written to `summary.json`.
 
     `stop_after`: stop after this many steps of this invocation with a checkpoint (status
     "stopped"), as a preemption would; running again resumes.
+    `on_changed_config`: when run.dir holds a run whose config differs from `cfg` (other than in
+    placement): "refuse" (the default), "resume" (continue from its latest checkpoint under `cfg`,
+    which must build the same shapes; CLI --resume) or "new" (move the old run to a sibling
+    `<dir>.replaced-<time>` and start afresh; CLI --force-new).
     """
     started = time.time()
     initialize_distributed(cfg.mesh.distributed)
@@ -244,23 +306,22 @@ def run(cfg: Config, *, stop_after: int | None = None) -> dict:
             raise ConfigError(f"{role}.model.vocab_size={model.cfg.vocab_size}: the tokenizer has "
                               f"{data.vocab_size} tokens; the model needs at least as many")
     plan = _plan(cfg, abstract_models, mesh)
-    state_sharding = state_shardings(plan, abstract_state(plan, abstract_models))
-    run_dir, existing = _prepare_run_dir(cfg)  # only once the config is known to place on this mesh
-    if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
-        state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
-    else:  # a loaded teacher's weights are host arrays: place them
-        state = jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
-    warmup = cfg.teacher_warmup()
-
-    full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
-    teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
-    eval_sharding = batch_sharding(mesh, rules)
-    evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
-
-    lock = RunLock(run_dir) if jax.process_index() == 0 else None
-    if lock:
-        lock.acquire()
+    shapes = abstract_state(plan, abstract_models)
+    state_sharding = state_shardings(plan, shapes)
+    saved = committed_steps(cfg.run.path / "checkpoints")
+    if on_changed_config == "resume" and saved:  # before the run directory changes
+        check_shapes(cfg.run.path / "checkpoints" / str(saved[-1]), shapes)
+    run_dir, existing, lock = _prepare_run_dir(cfg, on_changed_config)  # once the config places on this mesh
     try:
+        if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
+            state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
+        else:  # a loaded teacher's weights are host arrays: place them
+            state = jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
+        warmup = cfg.teacher_warmup()
+        full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
+        teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
+        eval_sharding = batch_sharding(mesh, rules)
+        evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
         return _loop(cfg, run_dir, existing, state, data, plan, (full_step, teacher_step, evaluate),
                      (micro_sharding, micro_shape, rows, eval_sharding), stop_after, started)
     finally:
@@ -366,6 +427,10 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
                     break
             if not last_eval and status == "completed":  # a finished run started again: report its final state
                 last_eval = run_eval()
+            checkpoints.wait()  # a failed final save is reported here, not hidden in close()
+    except CheckpointWriteError as error:
+        status = "save_failed"
+        print(f"\ndistill run: {error}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
