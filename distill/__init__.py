@@ -14,11 +14,11 @@ def load_config(path=None, overrides=None, **keywords):
     return _load(path, overrides, **keywords)
 
 
-def run(cfg, *, stop_after=None):
+def run(cfg, *, stop_after=None, on_changed_config="refuse"):
     """Run (or resume) the experiment `cfg`; returns the summary dict (see `distill.trainer.run`)."""
     from distill.trainer import run as _run
 
-    return _run(cfg, stop_after=stop_after)
+    return _run(cfg, stop_after=stop_after, on_changed_config=on_changed_config)
 
 
 __all__ = ["ModelConfig", "ModelOutput", "Transformer", "build_model", "load_config", "run"]

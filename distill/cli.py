@@ -27,7 +27,9 @@ def _run(args: argparse.Namespace) -> int:
     from distill.guards import EXIT_CODES
     from distill.trainer import run
 
-    summary = run(load_config(args.config, args.overrides), stop_after=args.stop_after)
+    on_changed_config = "resume" if args.resume else "new" if args.force_new else "refuse"
+    summary = run(load_config(args.config, args.overrides), stop_after=args.stop_after,
+                  on_changed_config=on_changed_config)
     return EXIT_CODES.get(summary["status"], 1)
 
 
@@ -113,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 run.dir=runs/r1")
     run.add_argument("--stop-after", type=int, default=None, metavar="N",
                      help="stop after N steps with a checkpoint; running the command again resumes")
+    changed = run.add_mutually_exclusive_group()
+    changed.add_argument("--resume", action="store_true", help="run.dir holds a run of another config: continue "
+                         "it from its latest checkpoint under this config (same model shapes; e.g. more steps)")
+    changed.add_argument("--force-new", action="store_true", help="run.dir holds another run: move it to "
+                         "<dir>.replaced-<time> and start a new run")
     run.set_defaults(handler=_run)
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint on its validation split")
     evaluate.add_argument("run_dir")

@@ -1,0 +1,70 @@
+"""A run directory that holds another config's run: refused by default, continued with --resume
+(same shapes only), moved aside with --force-new; the old run's files are never lost."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+import distill
+from distill import cli
+from distill.logging import read_metrics_jsonl
+from distill.model import ConfigError
+
+TINY = Path(__file__).with_name("tiny.yaml")
+SHORT = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=4", "teacher.warmup_steps=0"]
+
+
+def tiny(run_dir: Path, *overrides: str):
+    return distill.load_config(TINY, [f"run.dir={run_dir}", *SHORT, *overrides])
+
+
+def files(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture
+def finished(tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    assert distill.run(tiny(run_dir))["status"] == "completed"
+    return run_dir
+
+
+def test_resume_continues_a_finished_run_under_more_steps(finished, capsys):
+    before = yaml.safe_load((finished / "config.yaml").read_text())
+    code = cli.main(["run", str(TINY), f"run.dir={finished}", *SHORT, "train.steps=6", "--resume"])
+    assert code == 0
+    assert "resuming" in capsys.readouterr().err
+    [kept] = finished.glob("config.before-*.yaml")
+    assert yaml.safe_load(kept.read_text()) == before  # the old config stays beside the new one
+    assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["steps"] == 6
+    logged = [row["step"] for row in read_metrics_jsonl(finished) if "teacher/ce" in row]
+    assert logged == [2, 4, 6]  # continued from step 4, nothing twice
+
+
+def test_resume_refuses_other_shapes_and_changes_nothing(finished):
+    before = files(finished)
+    with pytest.raises(ConfigError, match=r"holds another state than this config's models.*--force-new"):
+        distill.run(tiny(finished, "students.0.model.hidden_size=32"), on_changed_config="resume")
+    assert files(finished) == before
+
+
+def test_force_new_moves_the_old_run_aside_whole(finished, capsys):
+    before = files(finished)
+    code = cli.main(["run", str(TINY), f"run.dir={finished}", *SHORT, "loss.temperature=2.0", "--force-new"])
+    assert code == 0
+    [moved] = finished.parent.glob("run.replaced-*")
+    assert f"now in {moved}" in capsys.readouterr().err
+    assert files(moved) == before  # every file of the old run, unchanged
+    summary = yaml.safe_load((finished / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["resumed_from"] == 0
+
+
+def test_resume_and_force_new_exclude_each_other(tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", str(TINY), "--resume", "--force-new"])
+    assert exit_.value.code == 2
