@@ -8,6 +8,7 @@ error names the dotted field, the bad value and the allowed values.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,6 +29,11 @@ from teacher.sources import teacher_model_config
 class RunSection:
     name: str = "run"  # a readable name; the default run directory is runs/<name>
     dir: str | None = None  # the run directory (config, metrics, TensorBoard events, checkpoints)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
+            raise ConfigError(f"run.name={self.name!r}: letters, digits and ._+- only, starting with a letter or "
+                              "digit (it names runs/<name>; to write elsewhere set run.dir)")
 
     @property
     def path(self) -> Path:
@@ -137,8 +143,9 @@ class StudentConfig:
     sharding: dict | str | None = None  # logical-axis rules over mesh.rules, or "replicated" (pure data parallel)
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"students.name={self.name!r}: a non-empty name without '/'")
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
+            raise ConfigError(f"students.name={self.name!r}: letters, digits and ._+- only, starting with a "
+                              "letter or digit (it names the student's metrics, student/<name>/...)")
 
 
 @dataclass(frozen=True)

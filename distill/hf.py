@@ -221,7 +221,8 @@ def _read_weight_files(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     if not allow_pickle:
         raise HFConversionError(
             f"{path}: only pickle weight files ({pickles[0].name}); they can run code when loaded. "
-            "Convert them to safetensors, or pass allow_pickle=True if you trust the source.")
+            "Convert them to safetensors, or, if you trust the source, pass --allow-pickle "
+            "(allow_pickle=True in Python).")
     import torch
 
     state = {}
