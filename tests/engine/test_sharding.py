@@ -1,6 +1,7 @@
 """Sharding, proven against one device: the same 20-step co-distillation on three 8-device meshes
 (simulated CPU devices, in a subprocess) gives the losses of a 1-device run to 1e-4; every large
-parameter is split as the rules say; a run resumes on another mesh (8 devices -> 1 and back)."""
+parameter is split as the rules say; a run resumes on another mesh (8 devices -> 1 and back).
+The default run covers data x fsdp x expert; `python -m pytest -m slow` adds the other two meshes."""
 
 from __future__ import annotations
 
@@ -43,17 +44,33 @@ def rewound(run_dir: Path, to: Path) -> Path:
     return to
 
 
+class Runs:
+    """The 1-device reference and, on first use, each mesh's run (one worker subprocess per mesh),
+    so the default test run pays for one 8-device mesh and `-m slow` for the other two."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.reports: dict[str, dict] = {}
+        one_device(root / "single")
+
+    def report(self, mesh: str) -> dict:
+        if mesh not in self.reports:
+            jobs = [{"run_dir": str(self.root / mesh), "mesh": MESHES[mesh], "collectives": mesh == "dp_fsdp_ep"}]
+            if mesh == "dp_fsdp_ep":  # 1 -> 8 devices: steps 1-10 ran on one device, 11-20 run on this mesh
+                jobs.append({"run_dir": str(rewound(self.root / "single", self.root / "to8")), "mesh": MESHES[mesh]})
+            for run_dir, report in run_worker(jobs).items():
+                self.reports[Path(run_dir).name] = report
+        return self.reports[mesh]
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharding")
-    one_device(root / "single")
-    jobs = [{"run_dir": str(root / name), "mesh": mesh, "collectives": name == "dp_fsdp_ep"}
-            for name, mesh in MESHES.items()]
-    # 1 -> 8 devices: steps 1-10 ran on one device, 11-20 run on the tensor-parallel mesh.
-    jobs.append({"run_dir": str(rewound(root / "single", root / "to8")), "mesh": MESHES["dp_fsdp_tp"]})
-    reports = run_worker(jobs)
-    one_device(rewound(root / "dp_fsdp_ep", root / "from8"))  # 8 devices -> 1
-    return root, reports
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("sharding"))
+
+
+# data + fsdp + expert runs by default (it exercises the most: FSDP gathers, expert all-to-all);
+# pure data parallel and data + fsdp + tensor are `slow`.
+MESH_PARAMS = [pytest.param(name, marks=[] if name == "dp_fsdp_ep" else [pytest.mark.slow]) for name in MESHES]
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -75,9 +92,10 @@ def assert_same_losses(run_dir: Path, reference: Path, steps=range(1, 21)):
     assert compared > 20 * 10
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESH_PARAMS)
 def test_mesh_gives_the_losses_of_one_device(runs, mesh):
-    root, _ = runs
+    runs.report(mesh)
+    root = runs.root
     assert_same_losses(root / mesh, root / "single")
     final = json.loads((root / mesh / "summary.json").read_text())["bpb"]
     single = json.loads((root / "single" / "summary.json").read_text())["bpb"]
@@ -97,10 +115,9 @@ EXPECTED_TEACHER = {
 }
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESH_PARAMS)
 def test_parameters_are_split_as_the_rules_say(runs, mesh):
-    root, reports = runs
-    report = reports[str(root / mesh)]
+    report = runs.report(mesh)
     for name, shape in EXPECTED_TEACHER[mesh].items():
         assert report["teacher"][name] == [shape], (mesh, name)
     distilled, control = report["students"]
@@ -112,10 +129,9 @@ def test_parameters_are_split_as_the_rules_say(runs, mesh):
     assert list(moments.values()) == [[EXPECTED_TEACHER[mesh][f"{MOE}/gate"]]]
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", MESH_PARAMS)
 def test_memory_per_device_is_what_the_shardings_imply(runs, mesh):
-    root, reports = runs
-    report = reports[str(root / mesh)]
+    report = runs.report(mesh)
     assert report["bytes_implied"] == report["bytes_held"]
     if mesh == "data8":
         assert report["bytes_held"] == [report["total_bytes"]] * 8
@@ -124,16 +140,17 @@ def test_memory_per_device_is_what_the_shardings_imply(runs, mesh):
 
 
 def test_a_run_resumes_on_another_mesh(runs):
-    root, reports = runs
+    runs.report("dp_fsdp_ep")
+    root = runs.root
+    one_device(rewound(root / "dp_fsdp_ep", root / "from8"))  # 8 devices -> 1
     assert_same_losses(root / "from8", root / "single")  # steps 1-10 on 8 devices, 11-20 on one
     assert_same_losses(root / "to8", root / "single")  # steps 1-10 on one device, 11-20 on 8
-    assert reports[str(root / "to8")]["step"] == 20
+    assert runs.reports["to8"]["step"] == 20
     assert json.loads((root / "to8" / "summary.json").read_text())["resumed_from"] == 10
 
 
 def test_expert_parallel_step_moves_tokens_not_weights(runs):
-    root, reports = runs
-    report = reports[str(root / "dp_fsdp_ep")]
+    report = runs.report("dp_fsdp_ep")
     exchanged = [shape for op, shape, _ in report["collectives"] if op == "all-to-all"]
     # Tokens travel to their experts' devices: [1 destination, C = 32 slots, d] per exchange,
     # d = 32 for the teacher, 16 for the distilled student.
@@ -141,11 +158,14 @@ def test_expert_parallel_step_moves_tokens_not_weights(runs):
     assert report["all_expert_gathers"] == []  # without expert parallelism GSPMD gathers f32[4,16,32] etc.
 
 
-def test_a_mesh_the_model_cannot_split_is_refused_before_anything_is_written(tmp_path):
+def test_a_mesh_the_model_cannot_split_is_refused_before_anything_is_written(tmp_path, reliability_record):
     result = subprocess.run(
         [sys.executable, "-m", "distill.cli", "run", str(CONFIG), f"run.dir={tmp_path / 'r'}", "mesh.data=1",
          "mesh.expert=8"], capture_output=True, text=True, timeout=300,
         env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert result.returncode == 2
-    assert "its experts dimension (4) does not split over mesh expert=8" in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "its experts dimension (4) does not split over mesh expert=8" in message
     assert not (tmp_path / "r").exists()
+    reliability_record("bad_input", case="experts-divisible", input="4 experts over an expert axis of 8 (8 devices)",
+                       exit=result.returncode, message=message.replace(str(tmp_path), "WORK"))
