@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import distill
-from distill.logging import read_metrics_jsonl
+from distill.logging import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree
 
 TINY = Path(__file__).with_name("tiny.yaml")
@@ -34,6 +34,11 @@ def leaves(tree) -> list[np.ndarray]:
 
 def logged_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in read_metrics_jsonl(run_dir) if "teacher/ce" in row]
+
+
+def tensorboard_steps(run_dir: Path) -> list[int]:
+    """The steps of one logged scalar across all of the run's event files, in file order."""
+    return [step for step, _ in read_scalars(run_dir)["teacher/ce"]]
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +68,13 @@ def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes_to_the_same_en
     assert 10 <= stopped_at < 200
     distill.run(tiny(run_dir, *LONG))
     assert logged_steps(run_dir) == list(range(10, 201, 10))  # nothing twice, nothing missing
+    assert tensorboard_steps(run_dir) == list(range(10, 201, 10))
     distill.run(tiny(tmp_path / "whole", *LONG))
     for a, b in zip(leaves(checkpoint_tree(run_dir)[1]), leaves(checkpoint_tree(tmp_path / "whole")[1]), strict=True):
         np.testing.assert_array_equal(a, b)
     reliability_record("fault", fault="SIGTERM (preemption) mid-run", injection="SIGTERM once stepping", trials=1,
-                       outcome=f"exit 143, checkpoint at step {stopped_at}; rerun resumed; end state bit-identical, "
-                               "no step logged twice")
+                       outcome=f"exit 143, checkpoint at step {stopped_at}; rerun resumed; end state bit-identical; "
+                               "metrics.jsonl and TensorBoard hold steps 10..200 once each")
 
 
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, capfd, reliability_record):
@@ -209,11 +215,12 @@ def test_kill_9_at_random_moments_resumes_to_the_uninterrupted_result(tmp_path, 
     result = subprocess.run(CLI + [f"run.dir={run_dir}", *settings], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert logged_steps(run_dir) == list(range(10, 401, 10))
+    assert tensorboard_steps(run_dir) == list(range(10, 401, 10))
     distill.run(tiny(tmp_path / "whole", *settings))
     for a, b in zip(leaves(checkpoint_tree(run_dir)[1]), leaves(checkpoint_tree(tmp_path / "whole")[1]), strict=True):
         np.testing.assert_array_equal(a, b)
     reliability_record("fault", fault="kill -9 at random moments", injection="SIGKILL 0-2 s after stepping resumed "
                        "(checkpoint every 50 steps, evaluation every 100)", trials=kills,
                        outcome=f"killed after logged steps {at_steps} ({mid_save} of {kills} mid-checkpoint-save); each "
-                               "rerun resumed from the last committed checkpoint; end state bit-identical; steps "
-                               "10..400 logged once each")
+                               "rerun resumed from the last committed checkpoint; end state bit-identical; "
+                               "metrics.jsonl and TensorBoard hold steps 10..400 once each")
