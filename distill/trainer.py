@@ -459,18 +459,29 @@ def _summary(cfg: Config, status: str, last_eval: dict, wall: float, resumed_fro
             "final": last_eval}
 
 
+def control_for(student: str, controls: list[str]) -> str | None:
+    """The control a student is compared with: the one named after it (`x` -> `x-control`), else
+    the first control."""
+    named = [c for c in controls if c.startswith(student)]
+    return named[0] if named else (controls[0] if controls else None)
+
+
 def format_table(summary: dict) -> str:
-    """Validation bits per byte of every model, and each distilled student against the control."""
+    """Validation bits per byte of every model, and each distilled student against its control."""
     bpb = summary["bpb"]
     controls = [name for name in summary["controls"] if bpb.get(name) is not None]
-    lines = [f"{'model':<20} {'val bpb':>9}  vs control", "-" * 44]
+    several = len(controls) > 1
+    width = max([20, *(len(name) + 1 for name in bpb)])
+    lines = [f"{'model':<{width}} {'val bpb':>9}  vs control", "-" * (width + 24)]
     for name, value in bpb.items():
         cell = "" if value is None else f"{value:9.4f}"
         versus = ""
         if controls and name not in controls and name != "teacher" and value is not None:
-            ref = bpb[controls[0]]
+            control = control_for(name, controls)
+            ref = bpb[control]
             versus = f"{(value - ref) / ref * 100:+.1f}% ({'better' if value < ref else 'worse'})"
-        lines.append(f"{name:<20} {cell:>9}  {versus}")
+            versus += f" vs {control}" if several else ""
+        lines.append(f"{name:<{width}} {cell:>9}  {versus}")
     return "\n".join(lines)
 
 

@@ -1,12 +1,14 @@
 """Reproduce docs/results.md: a config over several seeds, every student against the control.
 
     python experiments/results/seeds.py --seeds 0 1 2 [--config experiments/quickstart.yaml]
-                                        [--out runs/results] [extra overrides ...]
+                                        [--out runs/results] [--plot FIGURE.png] [extra overrides ...]
 
 Each seed is one `distill run CONFIG train.seed=S run.dir=OUT/seed-S` (a finished seed is not
 re-run: its directory resumes and re-reports). Prints Markdown tables of validation bits per byte
-per seed and model, and each student's difference from the control student (the one with
-`control: true`): per seed, mean and sample standard deviation over the seeds.
+per seed and model, and each student's difference from its control (the student with
+`control: true`; with several, the one named after the student, e.g. `x-control` for `x`, or
+as `--pair` says): per seed, mean and sample standard deviation over the seeds. `--plot` also draws
+the validation curves (mean over seeds) and the differences (mean +- std) into one PNG.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import sys
 from pathlib import Path
 
 from distill.config import load_config
+from distill.trainer import control_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,14 +36,23 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/results")
     parser.add_argument("--config", default=str(ROOT / "experiments" / "quickstart.yaml"))
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also write curves and differences here")
+    parser.add_argument("--pair", action="append", default=[], metavar="STUDENT=CONTROL",
+                        help="compare STUDENT with this control (default: the control named STUDENT-..., "
+                             "else the first)")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every seed")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     controls = [s.name for s in cfg.students if s.control]
-    if len(controls) != 1:
-        parser.error(f"{args.config}: needs exactly one student with control: true, found {len(controls)}")
-    control = controls[0]
     students = [s.name for s in cfg.students if not s.control]
+    pairs = {student: control_for(student, controls) for student in students}
+    for pair in args.pair:
+        student, _, control = pair.partition("=")
+        if student not in students or control not in controls:
+            parser.error(f"--pair {pair}: name a student of {students} and a control of {controls}")
+        pairs[student] = control
+    if not controls:
+        parser.error(f"{args.config}: needs a student with control: true")
 
     runs = {}
     for seed in args.seeds:
@@ -57,19 +69,60 @@ def main() -> int:
     print("\nValidation bits per byte:\n")
     print("| model | " + " | ".join(f"seed {s}" for s in seeds) + " |")
     print("|---|" + "---|" * len(seeds))
-    for model in ["teacher", control, *students]:
+    for model in ["teacher", *controls, *students]:
         print(f"| {model} | " + " | ".join(f"{runs[s]['bpb'][model]:.4f}" for s in seeds) + " |")
     print("\nRun wall (s): " + ", ".join(f"seed {s}: {runs[s]['wall_seconds']:.0f}" for s in seeds))
 
-    print(f"\nEach student vs {control} (negative = better than the control):\n")
-    print("| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |")
-    print("|---|" + "---|" * (len(seeds) + 1))
+    print("\nEach student vs its control (negative = better than the control):\n")
+    print("| student | control | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |")
+    print("|---|---|" + "---|" * (len(seeds) + 1))
+    differences = {}
     for model in students:
+        control = pairs[model]
         changes = [relative_change(runs[s]["bpb"][model], runs[s]["bpb"][control]) for s in seeds]
         spread = statistics.stdev(changes) if len(changes) > 1 else 0.0
-        print(f"| {model} | " + " | ".join(f"{c:+.2f}%" for c in changes)
+        differences[model] = (statistics.mean(changes), spread)
+        print(f"| {model} | {control} | " + " | ".join(f"{c:+.2f}%" for c in changes)
               + f" | {statistics.mean(changes):+.2f}% +- {spread:.2f}% |")
+    if args.plot:
+        run_dirs = [Path(args.out) / f"seed-{s}" for s in seeds]
+        print(f"\nplot: {plot(run_dirs, ['teacher', *controls, *students], controls, differences, Path(args.plot))}")
     return 0
+
+
+def mean_curve(run_dirs: list[Path], tag: str) -> tuple[list[int], list[float]]:
+    """(steps, the mean over runs of `tag` at each step every run logged)."""
+    from distill.logging import read_metrics_jsonl
+
+    per_run = [{row["step"]: row[tag] for row in read_metrics_jsonl(d) if tag in row} for d in run_dirs]
+    steps = sorted(set.intersection(*(set(r) for r in per_run)))
+    return steps, [statistics.mean(r[step] for r in per_run) for step in steps]
+
+
+def plot(run_dirs: list[Path], models: list[str], controls: list[str], differences: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for model in models:
+        tag = "eval/teacher/bpb" if model == "teacher" else f"eval/student/{model}/bpb"
+        steps, values = mean_curve(run_dirs, tag)
+        curves.plot(steps, values, marker="o", label=model, linestyle="--" if model == "teacher" or model in controls else "-")
+    curves.set(xlabel="step", ylabel="validation bits per byte", title=f"mean of {len(run_dirs)} seeds")
+    curves.legend()
+    names = list(differences)
+    means, spreads = [differences[n][0] for n in names], [differences[n][1] for n in names]
+    bars.barh(names, means, xerr=spreads, color=["tab:green" if m < 0 else "tab:red" for m in means], capsize=4)
+    bars.axvline(0, color="black", linewidth=0.8)
+    bars.invert_yaxis()
+    bars.set(xlabel="final bpb vs the control, % (mean +- std; negative = better)", title="students vs their control")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
