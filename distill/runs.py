@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
@@ -64,10 +64,11 @@ def restore_state(run_dir: str | Path, *, mesh: MeshConfig | None = None, step: 
 
 
 def _strip_value_keys(tree):
-    """orbax restores nnx.State leaves as {'value': array}; pure dicts hold the arrays themselves."""
+    """orbax restores nnx.State leaves as {'value': array}; pure dicts hold the arrays themselves
+    (as JAX arrays: a model holding numpy arrays cannot be called outside jit)."""
     if isinstance(tree, dict):
         if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return np.asarray(tree["value"])
+            return jnp.asarray(tree["value"])
         return {k: _strip_value_keys(v) for k, v in tree.items()}
     return tree
 

@@ -130,17 +130,18 @@ def schedule_alpha(config: WeightingConfig, step) -> jax.Array:
 
     Args:
       config: the policy.
-      step: the integer training step (may be traced).
+      step: the integer training step, or an array of steps (may be traced).
 
     Returns:
-      A float32 scalar in [0, 1].
+      float32 in [0, 1], of `step`'s shape.
     """
     step = jnp.asarray(step, jnp.float32)
     ramp = jnp.clip(step / config.warmup_steps, 0.0, 1.0) if config.warmup_steps else jnp.float32(1.0)
     if config.schedule == "fixed":
         base = jnp.float32(config.alpha)
     elif config.schedule == "step":
-        index = jnp.sum(step >= jnp.asarray(config.boundaries, jnp.float32)) if config.boundaries else 0
+        boundaries = jnp.asarray(config.boundaries or (), jnp.float32)
+        index = jnp.sum(step[..., None] >= boundaries, axis=-1)
         base = jnp.asarray(config.values, jnp.float32)[index]
     else:
         u = jnp.clip((step - config.warmup_steps) / config.schedule_steps, 0.0, 1.0)
@@ -148,7 +149,7 @@ def schedule_alpha(config: WeightingConfig, step) -> jax.Array:
             base = config.alpha + (config.alpha_end - config.alpha) * u
         else:
             base = config.alpha_end + (config.alpha - config.alpha_end) * 0.5 * (1.0 + jnp.cos(jnp.pi * u))
-    return jnp.clip(ramp * base, 0.0, 1.0)
+    return jnp.clip(jnp.broadcast_to(ramp * base, step.shape), 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

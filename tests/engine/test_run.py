@@ -11,11 +11,12 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 import distill
 from distill.logging import read_metrics_jsonl, read_scalars
 from distill.model import ConfigError
-from distill.runs import checkpoint_tree
+from distill.runs import checkpoint_tree, load_models
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -130,6 +131,14 @@ def test_eval_export_and_import_hf_commands(tmp_path):
     metrics = json.loads(result.stdout)
     assert metrics["step"] == 4
     assert metrics["eval/student/distilled/bpb"] == pytest.approx(summary["bpb"]["distilled"], rel=1e-6)
+
+    # The checkpoint's models, called eagerly (as in a notebook), give the evaluation's logits.
+    _, step, teacher, students = load_models(run_dir)
+    tokens = np.arange(32, dtype=np.int32).reshape(2, 16)
+    assert step == 4 and teacher(tokens).logits.shape == (2, 16, 256)
+    np.testing.assert_allclose(np.asarray(students["distilled"](tokens).logits),
+                               np.asarray(nnx.jit(lambda m, t: m(t).logits)(students["distilled"], tokens)),
+                               rtol=1e-5, atol=1e-5)
 
     result = subprocess.run(cli + ["export", str(run_dir), "--hf", str(tmp_path / "hf")], capture_output=True,
                             text=True, timeout=600)

@@ -71,6 +71,18 @@ def test_schedules(config, step, expected):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [
+    WeightingConfig(alpha=0.8, warmup_steps=10),
+    WeightingConfig(schedule="linear", alpha=0.2, alpha_end=1.0, schedule_steps=100),
+    WeightingConfig(schedule="cosine", alpha=1.0, alpha_end=0.0, warmup_steps=20, schedule_steps=100),
+    WeightingConfig(schedule="step", boundaries=(10, 20), values=(0.0, 0.5, 1.0)),
+], ids=["fixed", "linear", "cosine", "step"])
+def test_schedules_take_an_array_of_steps(config):
+    steps = np.array([[0, 5, 9], [10, 20, 70], [120, 200, 12345]])
+    expected = [[float(losses.schedule_alpha(config, int(s))) for s in row] for row in steps]
+    np.testing.assert_allclose(np.asarray(losses.schedule_alpha(config, steps)), expected, atol=1e-6)
+
+
 def numpy_difficulty(config, student, teacher, labels, mask):
     logp = ref.log_softmax(teacher)
     p = np.exp(logp)
