@@ -278,7 +278,10 @@ def _normalise(raw: dict) -> dict:
 
 
 def _resolve_keyword(key: str) -> str:
-    """A Python keyword override: `train__steps`, or a field name unique across sections (`steps`)."""
+    """A Python keyword override: a whole section (`students=[...]`), `train__steps`, or a field
+    name unique across sections (`steps`)."""
+    if key in _SECTIONS:
+        return key
     if "__" in key:
         return key.replace("__", ".")
     owners = [name for name, section in _SECTION_TYPES.items() if key in field_names(section)]
@@ -305,8 +308,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (or the defaults when `path` is None) with overrides.
 
     `overrides` are `dotted.key=value` strings (the CLI form); `keywords` are Python overrides:
-    `train__steps=50`, `{"train.steps": 50}` unpacked, or a field name unique across sections
-    (`steps=200`).
+    `train__steps=50`, `{"train.steps": 50}` unpacked, a field name unique across sections
+    (`steps=200`), or a whole section, which replaces the file's (`students=[{"name": "a"}, ...]`).
     """
     raw = {}
     if path is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import distill
-from distill.config import build_config, load_config
+from distill.config import TrainConfig, build_config, load_config
 from distill.model import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +49,14 @@ def test_keyword_overrides_resolve_unique_field_names():
         distill.load_config(TINY, warmup_steps=1)
     with pytest.raises(ConfigError, match="nonsense: not a field of any section"):
         distill.load_config(TINY, nonsense=1)
+
+
+def test_a_keyword_naming_a_section_replaces_it():
+    students = [{"name": "a", "preset": "cpu-student-tiny"}, {"name": "b", "preset": "cpu-student-tiny",
+                                                               "control": True}]
+    cfg = distill.load_config(TINY, students=students, train={"steps": 7})
+    assert [(s.name, s.control) for s in cfg.students] == [("a", False), ("b", True)]
+    assert cfg.train.steps == 7 and cfg.train.eval_every == TrainConfig().eval_every  # the file's train: replaced
 
 
 def test_student_shorthand_and_list_overrides():
