@@ -1,8 +1,10 @@
 """Test-session set-up: a persistent XLA compilation cache shared by the tests (and subprocesses)."""
 
+import hashlib
 import json
 import os
 import tempfile
+from pathlib import Path
 
 import jax
 import pytest
@@ -24,3 +26,26 @@ def reliability_record():
             with open(target, "a") as out:
                 out.write(json.dumps({"kind": kind, **fields}) + "\n")
     return record
+
+
+def _digests(folder, ignore=()) -> dict[str, str]:
+    """Every path under `folder` (relative) with a digest of its bytes, its link target, or "dir";
+    names in `ignore` are left out (e.g. the run lock, whose pid changes)."""
+    found = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.name in ignore:
+            continue
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            found[key] = f"link:{os.readlink(path)}"
+        elif path.is_file():
+            found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            found[key] = "dir"
+    return found
+
+
+@pytest.fixture
+def digests():
+    """`digests(folder, ignore=())`: a byte-level snapshot of a folder, to prove nothing changed."""
+    return _digests

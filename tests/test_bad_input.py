@@ -7,9 +7,7 @@ Each case also leaves a record (input, exit code, message) for docs/reliability.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -156,35 +154,22 @@ CASES = {
 }
 
 
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every path under `folder` with a digest of its bytes (or its link target)."""
-    found = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink():
-            found[str(path)] = f"link:{os.readlink(path)}"
-        elif path.is_file():
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            found[str(path)] = "dir"
-    return found
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_refused_with_one_clear_message_and_nothing_written(name, tmp_path, capsys, monkeypatch,
-                                                                             reliability_record):
+                                                                             digests, reliability_record):
     case = CASES[name]
     work = tmp_path / "work"
     work.mkdir()
     case.setup(work)
     monkeypatch.chdir(work)  # a relative default (runs/...) would land here
-    before = snapshot(work)
+    before = digests(work)
     code = cli.main(case.argv(work))
     err = capsys.readouterr().err
     message = err.strip().splitlines()[-1] if err.strip() else ""
     assert code != 0, f"exit code {code}: {err[-2000:]}"
     for fragment in case.expected:
         assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert snapshot(work) == before, "the command wrote or changed files"
+    assert digests(work) == before, "the command wrote or changed files"
     reliability_record("bad_input", case=name, input=case.input, exit=code,
            message=message.replace(str(work), "WORK").replace(str(TINY.parent), "tests/engine"))
 

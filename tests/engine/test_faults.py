@@ -3,7 +3,6 @@ stop), a second process on the same run directory, and a full disk while saving.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import signal
@@ -152,11 +151,6 @@ time.sleep(120)
                                          "once the holder is gone")
 
 
-def files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def small_disk():
     """In the child: files may not grow past 32 kB (a full disk for the checkpoint's larger files;
     the writes fail with EFBIG instead of the process being killed by SIGXFSZ)."""
@@ -164,10 +158,11 @@ def small_disk():
     resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, 32_000))
 
 
-def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, uninterrupted, reliability_record):
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_path, uninterrupted, digests,
+                                                                             reliability_record):
     run_dir = tmp_path / "run"
     distill.run(tiny(run_dir), stop_after=5)
-    kept = files(run_dir / "checkpoints" / "5")
+    kept = digests(run_dir / "checkpoints" / "5")
     result = subprocess.run(CLI + [f"run.dir={run_dir}"], capture_output=True, text=True, timeout=600,
                             preexec_fn=small_disk)
     assert result.returncode == 4, result.stderr[-3000:]
@@ -175,7 +170,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_so(tmp_
     assert "the checkpoint at step 10 could not be written" in message and "File too large" in message
     assert "the previous checkpoint (step 5) is intact and a rerun resumes from it" in message
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["5"]  # the partial one removed
-    assert files(run_dir / "checkpoints" / "5") == kept
+    assert digests(run_dir / "checkpoints" / "5") == kept
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "save_failed"
     summary = distill.run(tiny(run_dir))  # space again: the same command resumes and ends as if never stopped
     assert summary["status"] == "completed" and summary["resumed_from"] == 5
