@@ -54,10 +54,10 @@ def tables(records: list[dict]) -> dict[str, str]:
 
 def rewrite(doc: str, generated: dict[str, str]) -> str:
     for name, table in generated.items():
-        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
         if not pattern.search(doc):
             sys.exit(f"report: {DOC} has no <!-- table:{name} --> ... <!-- /table:{name} --> block")
-        doc = pattern.sub(lambda m: m.group(1) + table + m.group(2), doc)
+        doc = pattern.sub(lambda m: m.group(1) + table + "\n" + m.group(2), doc)
     return doc
 
 
