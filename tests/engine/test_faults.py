@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import distill
+from distill import cli
 from distill.logging import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree
 
@@ -47,7 +48,7 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
-LONG = ["train.steps=200", "train.log_every=10", "train.eval_every=200", "train.checkpoint_every=100"]
+LONG = ["train.steps=100", "train.log_every=10", "train.eval_every=100", "train.checkpoint_every=50"]
 
 
 def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes_to_the_same_end(tmp_path, reliability_record):
@@ -64,16 +65,16 @@ def test_sigterm_checkpoints_the_step_reached_and_the_run_resumes_to_the_same_en
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "preempted" and "checkpoint saved" in stderr
     stopped_at, _ = checkpoint_tree(run_dir)
-    assert 10 <= stopped_at < 200
+    assert 10 <= stopped_at < 100
     distill.run(tiny(run_dir, *LONG))
-    assert logged_steps(run_dir) == list(range(10, 201, 10))  # nothing twice, nothing missing
-    assert tensorboard_steps(run_dir) == list(range(10, 201, 10))
+    assert logged_steps(run_dir) == list(range(10, 101, 10))  # nothing twice, nothing missing
+    assert tensorboard_steps(run_dir) == list(range(10, 101, 10))
     distill.run(tiny(tmp_path / "whole", *LONG))
     for a, b in zip(leaves(checkpoint_tree(run_dir)[1]), leaves(checkpoint_tree(tmp_path / "whole")[1]), strict=True):
         np.testing.assert_array_equal(a, b)
     reliability_record("fault", fault="SIGTERM (preemption) mid-run", injection="SIGTERM once stepping", trials=1,
                        outcome=f"exit 143, checkpoint at step {stopped_at}; rerun resumed; end state bit-identical; "
-                               "metrics.jsonl and TensorBoard hold steps 10..200 once each")
+                               "metrics.jsonl and TensorBoard hold steps 10..100 once each")
 
 
 def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, capfd, reliability_record):
@@ -110,20 +111,21 @@ def test_a_nan_gradient_is_skipped_and_counted(tmp_path, reliability_record):
                                          "completes with finite weights")
 
 
-def test_a_nan_gradient_under_stop_keeps_the_last_checkpoint_and_names_step_and_models(tmp_path, reliability_record):
+def test_a_nan_gradient_under_stop_keeps_the_last_checkpoint_and_names_step_and_models(tmp_path, capsys,
+                                                                                       reliability_record):
     run_dir = tmp_path / "run"
-    result = subprocess.run(CLI + [f"run.dir={run_dir}", "train.debug_nonfinite_step=7", "train.on_nonfinite=stop"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert "teacher (step 7, 1 so far)" in result.stderr and "distilled (step 7" in result.stderr
-    assert "the last checkpoint (step 5) is intact" in result.stderr
+    code = cli.main(["run", str(TINY), f"run.dir={run_dir}", "train.debug_nonfinite_step=7", "train.on_nonfinite=stop"])
+    stderr = capsys.readouterr().err
+    assert code == 3, stderr[-2000:]
+    assert "teacher (step 7, 1 so far)" in stderr and "distilled (step 7" in stderr
+    assert "the last checkpoint (step 5) is intact" in stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["5"]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "nonfinite"
     reliability_record("fault", fault="NaN gradient, train.on_nonfinite=stop", injection="train.debug_nonfinite_step=7",
                        trials=1, outcome="exit 3; message names step 7 and the models; checkpoint 5 intact, nothing newer")
 
 
-def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, reliability_record):
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path, capsys, reliability_record):
     run_dir = tmp_path / "run"
     distill.run(tiny(run_dir, "train.steps=4", "teacher.warmup_steps=0"))
     before = (run_dir / "metrics.jsonl").read_text()
@@ -137,10 +139,9 @@ time.sleep(120)
 """], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        result = subprocess.run(CLI + [f"run.dir={run_dir}", "train.steps=4", "teacher.warmup_steps=0"],
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 2
-        assert f"is in use by another distill process (pid {holder.pid})" in result.stderr
+        capsys.readouterr()
+        assert cli.main(["run", str(TINY), f"run.dir={run_dir}", "train.steps=4", "teacher.warmup_steps=0"]) == 2
+        assert f"is in use by another distill process (pid {holder.pid})" in capsys.readouterr().err
         assert (run_dir / "metrics.jsonl").read_text() == before
     finally:
         holder.kill()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,11 +22,17 @@ def tiny(run_dir: Path, *overrides: str):
     return distill.load_config(TINY, [f"run.dir={run_dir}", *SHORT, *overrides])
 
 
-@pytest.fixture
-def finished(tmp_path) -> Path:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("policy") / "run"
     assert distill.run(tiny(run_dir))["status"] == "completed"
     return run_dir
+
+
+@pytest.fixture
+def finished(finished_once, tmp_path) -> Path:
+    """A finished 4-step run of its own for each test (a copy: the run directory moves freely)."""
+    return Path(shutil.copytree(finished_once, tmp_path / "run"))
 
 
 def test_resume_continues_a_finished_run_under_more_steps(finished, capsys):

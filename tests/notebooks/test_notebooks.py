@@ -91,7 +91,9 @@ def this_interpreter_kernel(directory: Path) -> str:
     return "distill-tests"
 
 
-@pytest.mark.parametrize("name", NAMES)
+# routing.ipynb trains a run of its own first: `slow` (python -m pytest -m slow) keeps the default suite short.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n == "routing.ipynb" else [])
+                                  for n in NAMES])
 def test_notebook_runs_headless(name, tmp_path, monkeypatch):
     source = nbformat.read(NOTEBOOKS / name, as_version=4)
     parameters = small_parameters(name, tmp_path)
