@@ -197,11 +197,10 @@ def _prepare_as_writer(cfg: Config, run_dir: Path, on_changed_config: str) -> tu
 def _write_config(cfg: Config, run_dir: Path, on_changed_config: str) -> bool:
     """Write config.yaml for a new run, or check it against a previous run's; True: resume."""
     config_file = run_dir / "config.yaml"
-    resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if not config_file.is_file():
         save_config(cfg, config_file)
         return False
-    previous, changed = _config_changes(cfg, run_dir, on_changed_config)
+    previous, resolved, changed = _config_changes(cfg, run_dir, on_changed_config)  # again, under the lock
     if changed:  # resume under the new config; the old one stays beside it
         kept = _unused_path(run_dir / f"config.before-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
         config_file.rename(kept)
@@ -212,8 +211,8 @@ def _write_config(cfg: Config, run_dir: Path, on_changed_config: str) -> bool:
     return True
 
 
-def _config_changes(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[dict, list[str]]:
-    """(the run's previous config, the keys `cfg` changes in it); refused unless resuming."""
+def _config_changes(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[dict, dict, list[str]]:
+    """(the run's previous config, `cfg` as written, the keys `cfg` changes); refused unless resuming."""
     previous = yaml.safe_load((run_dir / "config.yaml").read_text())
     resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     changed = sorted(_diff_keys(_without_placement(previous), _without_placement(resolved)))
@@ -221,7 +220,7 @@ def _config_changes(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple
         raise ConfigError(f"run.dir={str(run_dir)!r} holds a run with a different config (changed: "
                           f"{', '.join(changed[:6])}); pass --resume to continue it under the new config, "
                           "--force-new to move it aside and start anew, or choose another run.dir")
-    return previous, changed
+    return previous, resolved, changed
 
 
 def _unused_path(path: Path) -> Path:
