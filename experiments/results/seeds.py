@@ -110,6 +110,8 @@ def plot(run_dirs: list[Path], models: list[str], controls: list[str], differenc
         tag = "eval/teacher/bpb" if model == "teacher" else f"eval/student/{model}/bpb"
         steps, values = mean_curve(run_dirs, tag)
         curves.plot(steps, values, marker="o", label=model, linestyle="--" if model == "teacher" or model in controls else "-")
+    tails = [v for line in curves.get_lines() for v in line.get_ydata()[len(line.get_ydata()) // 2:]]
+    curves.set_ylim(top=1.1 * max(tails))  # students are untrained (8 bpb) before the teacher's warm-up ends
     curves.set(xlabel="step", ylabel="validation bits per byte", title=f"mean of {len(run_dirs)} seeds")
     curves.legend()
     names = list(differences)
