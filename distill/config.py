@@ -25,15 +25,20 @@ from student.presets import STUDENT_PRESETS
 from teacher.sources import teacher_model_config
 
 
+def check_path_name(field_name: str, value, purpose: str) -> None:
+    """A name that becomes part of a path or tag: one safe component (no `/`, `..` or leading dot)."""
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
+        raise ConfigError(f"{field_name}={value!r}: letters, digits and ._+- only, starting with a letter or "
+                          f"digit ({purpose})")
+
+
 @dataclass(frozen=True)
 class RunSection:
     name: str = "run"  # a readable name; the default run directory is runs/<name>
     dir: str | None = None  # the run directory (config, metrics, TensorBoard events, checkpoints)
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
-            raise ConfigError(f"run.name={self.name!r}: letters, digits and ._+- only, starting with a letter or "
-                              "digit (it names runs/<name>; to write elsewhere set run.dir)")
+        check_path_name("run.name", self.name, "it names runs/<name>; to write elsewhere set run.dir")
 
     @property
     def path(self) -> Path:
@@ -143,9 +148,7 @@ class StudentConfig:
     sharding: dict | str | None = None  # logical-axis rules over mesh.rules, or "replicated" (pure data parallel)
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", self.name):
-            raise ConfigError(f"students.name={self.name!r}: letters, digits and ._+- only, starting with a "
-                              "letter or digit (it names the student's metrics, student/<name>/...)")
+        check_path_name("students.name", self.name, "it names the student's metrics, student/<name>/...")
 
 
 @dataclass(frozen=True)
