@@ -199,8 +199,9 @@ class Config:
 
     def __post_init__(self):
         names = [s.name for s in self.students]
-        if not names:
-            raise ConfigError("students: at least one student is required")
+        if not names and not self.teacher.trains:
+            raise ConfigError("students: at least one student is required when the teacher is frozen "
+                              "(an empty list pre-trains the teacher alone)")
         if len(set(names)) != len(names):
             raise ConfigError(f"students: names must be unique, got {names}")
         teacher = self.teacher_model()
@@ -215,7 +216,7 @@ class Config:
             if self.data.seq_len > model.max_position_embeddings:
                 raise ConfigError(f"data.seq_len={self.data.seq_len}: longer than {role}.model."
                                   f"max_position_embeddings ({model.max_position_embeddings})")
-        if self.train.steps <= self.teacher_warmup():
+        if self.students and self.train.steps <= self.teacher_warmup():
             raise ConfigError(f"train.steps={self.train.steps}: must exceed teacher.warmup_steps "
                               f"({self.teacher_warmup()}) so the students train")
         self.teacher_rules()
@@ -234,7 +235,10 @@ class Config:
         return _model_config(s.preset, s.model, STUDENT_PRESETS, f"students[{index}]")
 
     def teacher_warmup(self) -> int:
-        """Teacher-only steps: `warmup_fraction` of the steps when set, else `warmup_steps`."""
+        """Teacher-only steps: `warmup_fraction` of the steps when set, else `warmup_steps`; every
+        step when there are no students (pre-training a teacher for offline distillation)."""
+        if not self.students:
+            return self.train.steps
         fraction = self.teacher.warmup_fraction
         return self.teacher.warmup_steps if fraction is None else int(round(fraction * self.train.steps))
 

@@ -375,7 +375,11 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
         logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
     last_eval: dict[str, float] = {}
     status = "completed"
-    window_start, window_steps = time.time(), 0
+    previous = run_dir / "summary.json"
+    trained_before = json.loads(previous.read_text()).get("train_seconds", 0.0) if restored and previous.exists() else 0.0
+    loop_started = window_start = time.time()
+    loop_ended = None  # re-evaluating a finished run is not training time
+    window_steps = 0
     try:
         with StopSignals() as signals:
             for step in range(start, steps):
@@ -424,6 +428,7 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
                 if stopping:
                     status = "stopped"
                     break
+            loop_ended = time.time()
             if not last_eval and status == "completed":  # a finished run started again: report its final state
                 last_eval = run_eval()
             checkpoints.wait()  # a failed final save is reported here, not hidden in close()
@@ -439,7 +444,8 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     finally:
         checkpoints.close()
         progress.close()
-        summary = _summary(cfg, status, last_eval, time.time() - started, start)
+        train_seconds = trained_before + ((loop_ended or time.time()) - loop_started if start < steps else 0.0)
+        summary = _summary(cfg, status, last_eval, time.time() - started, train_seconds, start)
         if jax.process_index() == 0:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         logger.finish({k: v for k, v in last_eval.items()})
@@ -449,12 +455,14 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     return summary
 
 
-def _summary(cfg: Config, status: str, last_eval: dict, wall: float, resumed_from: int) -> dict:
+def _summary(cfg: Config, status: str, last_eval: dict, wall: float, train_seconds: float, resumed_from: int) -> dict:
+    """`wall_seconds`: this command; `train_seconds`: the training loop (steps, evaluations,
+    checkpoints) summed over every command that trained this run directory and wrote a summary."""
     models = {"teacher": last_eval.get("eval/teacher/bpb")}
     for s in cfg.students:
         models[s.name] = last_eval.get(f"eval/student/{s.name}/bpb")
     return {"status": status, "run_dir": str(cfg.run.path), "steps": cfg.train.steps, "resumed_from": resumed_from,
-            "wall_seconds": wall, "bpb": models, "controls": [s.name for s in cfg.students if s.control],
+            "wall_seconds": wall, "train_seconds": train_seconds, "bpb": models, "controls": [s.name for s in cfg.students if s.control],
             "final": last_eval}
 
 

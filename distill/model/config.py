@@ -221,3 +221,24 @@ class ModelConfig:
             active += layer + (moe_active if is_moe else dense)
         return {"total": total, "active": active}
 
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of a `seq_len` sequence, averaged over its positions: 2 per
+        multiply-add of every matmul a token passes through (attention projections, the routed
+        experts it is sent to and the shared expert, the router, the dense MLP, the LM head; the
+        embedding lookup is free) plus q.k and p.v over the keys each position really attends to
+        (causal; RoPE layers only within their chunk). A training step costs 3x this (backward 2x)."""
+        d, hd = self.hidden_size, self.head_dim
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        positions = range(seq_len)
+        full_keys = sum(p + 1 for p in positions) / seq_len
+        chunk = self.attention_chunk_size or seq_len
+        chunk_keys = sum(p % chunk + 1 for p in positions) / seq_len
+        expert = 3 * d * self.intermediate_size
+        multiply_adds = self.vocab_size * d  # LM head
+        for is_moe, rope in zip(self.layer_is_moe, self.layer_uses_rope):
+            multiply_adds += d * hd * (2 * heads + 2 * kv)
+            multiply_adds += 2 * heads * hd * (chunk_keys if rope else full_keys)
+            multiply_adds += ((self.num_experts_per_tok + 1) * expert + d * self.num_local_experts if is_moe
+                              else 3 * d * self.intermediate_size_mlp)
+        return 2.0 * multiply_adds
+

@@ -71,7 +71,8 @@ def main() -> int:
     print("|---|" + "---|" * len(seeds))
     for model in ["teacher", *controls, *students]:
         print(f"| {model} | " + " | ".join(f"{runs[s]['bpb'][model]:.4f}" for s in seeds) + " |")
-    print("\nRun wall (s): " + ", ".join(f"seed {s}: {runs[s]['wall_seconds']:.0f}" for s in seeds))
+    print("\nTraining seconds (the training loop, over every command that trained the run): "
+          + ", ".join(f"seed {s}: {runs[s]['train_seconds']:.0f}" for s in seeds))
 
     print("\nEach student vs its control (negative = better than the control):\n")
     print("| student | control | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |")

@@ -62,13 +62,18 @@ def test_cli_run_writes_the_run_directory_contract(tmp_path):
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
     whole = distill.run(tiny(tmp_path / "whole"))
-    first = distill.run(tiny(tmp_path / "split"), stop_after=4)
+    first = distill.run(tiny(tmp_path / "split"), stop_after=8)
     assert first["status"] == "stopped"
     second = distill.run(tiny(tmp_path / "split"))
-    assert second["resumed_from"] == 4 and second["status"] == "completed"
+    assert second["resumed_from"] == 8 and second["status"] == "completed"
     for a, b in zip(leaves(restore_raw(tmp_path / "whole")), leaves(restore_raw(tmp_path / "split")), strict=True):
         np.testing.assert_array_equal(a, b)  # bit for bit on CPU
     assert whole["final"] == second["final"]
+    # Training time adds up over the commands (the second trains 2 steps, the first 8 and compiles
+    # both steps); re-reporting a finished run adds none.
+    assert 0 < first["train_seconds"] < second["train_seconds"] <= first["train_seconds"] + second["wall_seconds"]
+    again = distill.run(tiny(tmp_path / "split"))
+    assert again["train_seconds"] == second["train_seconds"] and again["final"] == second["final"]
     strip = lambda lines: [{k: v for k, v in line.items() if not k.startswith("perf/")} for line in lines]  # noqa
     assert strip(read_metrics_jsonl(tmp_path / "whole")) == strip(read_metrics_jsonl(tmp_path / "split"))
 
@@ -86,7 +91,15 @@ def test_frozen_teacher_gets_no_updates(tmp_path):
 
 
 def test_teacher_from_a_run_is_that_runs_teacher(tmp_path):
-    distill.run(tiny(tmp_path / "source"))
+    # The source is a teacher pre-trained alone (no students): offline distillation's first half.
+    pretrain = distill.load_config(TINY, students=[], **{"run.dir": str(tmp_path / "source"), "train.steps": 6})
+    assert pretrain.teacher_warmup() == 6
+    summary = distill.run(pretrain)
+    assert summary["status"] == "completed" and set(summary["bpb"]) == {"teacher"}
+    lines = read_metrics_jsonl(tmp_path / "source")
+    assert [line["step"] for line in lines if "teacher/ce" in line] == [2, 4, 6]
+    assert not [tag for line in lines for tag in line if tag.startswith(("student/", "eval/student/"))]
+    assert len(checkpoint_tree(tmp_path / "source")[1]["students"]) == 0
     cfg = tiny(tmp_path / "reuse", **{"teacher.source": "run", "teacher.path": str(tmp_path / "source"),
                                       "teacher.warmup_steps": 0, "train.steps": 4})
     assert cfg.teacher.trains is False

@@ -73,6 +73,13 @@ def test_duplicate_student_names_are_refused():
         load_config(TINY, ["students.1.name=distilled"])
 
 
+def test_no_students_pretrains_the_teacher_and_needs_it_trainable():
+    cfg = load_config(TINY, ["students=[]", "train.steps=7"])
+    assert cfg.students == () and cfg.teacher_warmup() == 7  # every step teacher-only
+    with pytest.raises(ConfigError, match="students: at least one student is required when the teacher is frozen"):
+        load_config(TINY, ["students=[]", "teacher.trainable=false"])
+
+
 def test_resolved_config_round_trips():
     cfg = load_config(TINY)
     assert build_config(cfg.to_dict()) == cfg

@@ -1,0 +1,51 @@
+"""The scripts behind docs/results.md: seeds.py and offline.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import distill
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "engine" / "tiny.yaml"
+sys.path.insert(0, str(ROOT / "experiments" / "results"))
+
+import offline  # noqa: E402
+
+
+def test_offline_pretraining_costs_what_co_training_the_teacher_costs():
+    cfg = distill.load_config(ROOT / "experiments" / "quickstart.yaml")
+    steps, warmup = cfg.train.steps, cfg.teacher_warmup()
+    pretrain = offline.pretrain_steps(steps, warmup)
+    assert pretrain == 617  # 800 - 550 / 3
+    offline_cfg = distill.load_config(ROOT / "experiments" / "quickstart.yaml",
+                                      [f"train.steps={steps - warmup}", "teacher.warmup_steps=0",
+                                       "teacher.warmup_fraction=null"])
+    co = offline.flops_at(cfg, "codistill", steps, pretrain)
+    off = offline.flops_at(offline_cfg, "offline", steps - warmup, pretrain)
+    # Independently: 6 N D for the trained models, 2 N D for the frozen teacher's forward, with
+    # N the forward FLOPs per token / 2 and D the tokens.
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    t = cfg.teacher_model().forward_flops_per_token(cfg.data.seq_len) / 2
+    s = sum(cfg.student_model(i).forward_flops_per_token(cfg.data.seq_len) / 2 for i in range(2))
+    assert co == pytest.approx(6 * t * tokens * steps + 6 * s * tokens * (steps - warmup), rel=1e-12)
+    assert off == pytest.approx(6 * t * tokens * pretrain + (2 * t + 6 * s) * tokens * (steps - warmup), rel=1e-12)
+    assert abs(off - co) <= 6 * t * tokens  # equal up to the rounding of P to a whole step
+
+
+@pytest.mark.slow
+def test_offline_script_runs_both_arms_and_plots(tmp_path):
+    out = tmp_path / "offline"
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "results" / "offline.py"), "--config", str(TINY),
+                             "--seeds", "0", "--out", str(out), "--plot", str(tmp_path / "offline.png")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distilled: offline vs co-distillation" in result.stdout and (tmp_path / "offline.png").stat().st_size
+    teacher = distill.load_config(out / "teacher" / "seed-0" / "config.yaml")
+    assert teacher.students == () and teacher.train.steps == offline.pretrain_steps(10, 2)
+    frozen = distill.load_config(out / "offline" / "seed-0" / "config.yaml")
+    assert frozen.teacher.source == "run" and not frozen.teacher.trains and frozen.train.steps == 8
