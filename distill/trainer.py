@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from distill.checkpoint import CheckpointWriteError, Checkpoints, abstract_like, check_shapes, committed_steps
 from distill.config import Config, save_config
 from distill.data import build_data
+from distill.data.packing import BATCH_KEYS
 from distill.guards import RunLock, StopSignals
 from distill.logging import RunLogger
 from distill.model import ConfigError, build_model
@@ -131,22 +132,52 @@ def jit_step(plan: StepPlan, state_sharding, batch_sharding_, warmup: int, *, wi
                    donate_argnums=(0,))
 
 
-def compiled_step(cfg: Config):
-    """The co-distillation step of `cfg` on its mesh, lowered and compiled from shapes alone (no
-    weights, no data): `.as_text()` is the HLO whose collectives docs/sharding.md lists."""
+def _step_placement(cfg: Config):
+    """(plan, state shapes, state shardings, micro-batch sharding, micro-batch shape) of `cfg`."""
     mesh, rules = make_mesh(cfg.mesh), cfg.mesh_rules()
     models = _build_models(cfg, abstract=True)
     plan = _plan(cfg, models, mesh)
     shapes = abstract_state(plan, models)
-    state_sharding = state_shardings(plan, shapes)
-    micro_sharding = batch_sharding(mesh, rules, micro_batched=True)
     accum = cfg.train.grad_accum
-    batch_shape = (accum, cfg.data.batch_size // accum, cfg.data.seq_len)
+    return (plan, shapes, state_shardings(plan, shapes), batch_sharding(mesh, rules, micro_batched=True),
+            (accum, cfg.data.batch_size // accum, cfg.data.seq_len))
+
+
+def compiled_step(cfg: Config, *, with_students: bool = True):
+    """The co-distillation step of `cfg` on its mesh (`with_students=False`: the teacher-only
+    warm-up step), lowered and compiled from shapes alone (no weights, no data): `.as_text()` is
+    the HLO whose collectives docs/sharding.md lists; calling it needs `initial_state` and a batch
+    like `random_batch`'s."""
+    plan, shapes, state_sharding, micro_sharding, batch_shape = _step_placement(cfg)
     batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if k == "mask" else jnp.int32, sharding=micro_sharding)
-             for k in ("tokens", "labels", "mask", "segment_ids", "positions")}
+             for k in BATCH_KEYS}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
-    step = jit_step(plan, state_sharding, micro_sharding, cfg.teacher_warmup(), with_students=True)
+    step = jit_step(plan, state_sharding, micro_sharding, cfg.teacher_warmup(), with_students=with_students)
     return step.lower(state, batch).compile()
+
+
+def initial_state(cfg: Config) -> TrainState:
+    """The state a fresh run of `cfg` starts from, placed on its mesh (benchmarks, notebooks)."""
+    plan, _, state_sharding, _, _ = _step_placement(cfg)
+    return _placed_initial_state(cfg, plan, state_sharding)
+
+
+def _placed_initial_state(cfg: Config, plan: StepPlan, state_sharding) -> TrainState:
+    if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
+        return jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
+    return jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)  # a loaded teacher: host arrays
+
+
+def random_batch(cfg: Config, seed: int = 0) -> dict:
+    """A batch of uniformly random tokens in the step's layout (one unpacked sequence per row)."""
+    _, _, _, micro_sharding, shape = _step_placement(cfg)
+    rng = np.random.default_rng(seed)
+    vocab = min(cfg.teacher_model().vocab_size, *(cfg.student_model(i).vocab_size for i in range(len(cfg.students))))
+    ids = rng.integers(0, vocab, (*shape[:2], shape[2] + 1)).astype(np.int32)
+    host = {"tokens": ids[..., :-1], "labels": ids[..., 1:], "mask": np.ones(shape, np.float32),
+            "segment_ids": np.zeros(shape, np.int32), "positions": np.broadcast_to(np.arange(shape[2], dtype=np.int32),
+                                                                                  shape).copy()}
+    return {k: jax.device_put(v, micro_sharding) for k, v in host.items()}
 
 
 ON_CHANGED_CONFIG = ("refuse", "resume", "new")
@@ -312,10 +343,7 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
         check_shapes(cfg.run.path / "checkpoints" / str(saved[-1]), shapes)
     run_dir, existing, lock = _prepare_run_dir(cfg, on_changed_config)  # once the config places on this mesh
     try:
-        if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
-            state = jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
-        else:  # a loaded teacher's weights are host arrays: place them
-            state = jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
+        state = _placed_initial_state(cfg, plan, state_sharding)
         warmup = cfg.teacher_warmup()
         full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
         teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
