@@ -12,12 +12,13 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "experiments" / "bench"
 
 def _bench(args: argparse.Namespace) -> int:
     script = BENCH_DIR / f"{args.name}.py"
-    if not script.is_file():
-        known = sorted(p.stem for p in BENCH_DIR.glob("*.py")) if BENCH_DIR.is_dir() else []
+    if args.name.startswith("_") or not script.is_file():
+        known = sorted(p.stem for p in BENCH_DIR.glob("[!_]*.py")) if BENCH_DIR.is_dir() else []
         print(f"distill bench: no benchmark {args.name!r} in {BENCH_DIR}; known: {', '.join(known) or 'none'} "
               "(benchmarks run from a source checkout: pip install -e .)", file=sys.stderr)
         return 2
     sys.argv = [str(script), *args.rest]
+    sys.path.append(str(BENCH_DIR))  # their shared module, as when the script runs directly
     runpy.run_path(str(script), run_name="__main__")
     return 0
 
