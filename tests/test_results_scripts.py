@@ -49,3 +49,15 @@ def test_offline_script_runs_both_arms_and_plots(tmp_path):
     assert teacher.students == () and teacher.train.steps == offline.pretrain_steps(10, 2)
     frozen = distill.load_config(out / "offline" / "seed-0" / "config.yaml")
     assert frozen.teacher.source == "run" and not frozen.teacher.trains and frozen.train.steps == 8
+
+
+@pytest.mark.slow
+def test_seeds_script_tables_and_plot(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "results" / "seeds.py"), "--config", str(TINY),
+                             "--seeds", "0", "1", "--out", str(tmp_path / "runs"), "--plot", str(tmp_path / "seeds.png")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| distilled | control |"))
+    summaries = [distill.load_config(tmp_path / "runs" / f"seed-{s}" / "config.yaml") for s in (0, 1)]
+    assert [c.train.seed for c in summaries] == [0, 1]
+    assert row.count("%") == 3 and "+-" in row and (tmp_path / "seeds.png").stat().st_size

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from distill.model import ModelConfig  # noqa: E402
 
-TORCH_THREADS = 2
+TORCH_THREADS = min(2, len(os.sched_getaffinity(0)))  # as many as JAX gets: 2 here, 1 under `taskset -c N`
 
 
 def random_tokens(batch: int, seq: int, vocab: int, seed: int) -> np.ndarray:
