@@ -60,4 +60,4 @@ def test_seeds_script_tables_and_plot(tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("| distilled | control |"))
     summaries = [distill.load_config(tmp_path / "runs" / f"seed-{s}" / "config.yaml") for s in (0, 1)]
     assert [c.train.seed for c in summaries] == [0, 1]
-    assert row.count("%") == 3 and "+-" in row and (tmp_path / "seeds.png").stat().st_size
+    assert row.count("%") == 4 and "+-" in row  # two seeds, then mean% +- std% and (tmp_path / "seeds.png").stat().st_size
