@@ -254,6 +254,18 @@ def _config_changes(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple
     return previous, resolved, changed
 
 
+def finished_summary(cfg: Config) -> dict | None:
+    """The summary of the completed run of exactly `cfg` (placement aside) in `cfg.run.dir`, or
+    None when there is none (absent, unfinished, or another config): a script can skip it."""
+    run_dir = cfg.run.path
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return None
+    summary = json.loads((run_dir / "summary.json").read_text())
+    if summary.get("status") != "completed" or _config_changes(cfg, run_dir, "resume")[2]:
+        return None
+    return summary
+
+
 def _unused_path(path: Path) -> Path:
     candidates = (path.with_name(f"{path.stem}-{n}{path.suffix}") for n in range(1, 10_000))
     return path if not path.exists() else next(p for p in candidates if not p.exists())

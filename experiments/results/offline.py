@@ -3,8 +3,8 @@
     python experiments/results/offline.py --seeds 0 1 2 [--config experiments/quickstart.yaml]
         [--out runs/offline] [--codistill runs/quickstart] [--plot docs/figures/offline.png]
 
-Per seed, three `distill run`s of the same config (a run directory whose summary.json says
-completed is read, not run again; delete it to redo that run):
+Per seed, three `distill run`s of the same config (a completed run of the same config is read,
+not run again):
 - co-distillation: the config as it is, in CODISTILL/seed-S. The teacher trains all `train.steps`
   S; the students join after its warm-up W and train S - W steps from its live forward.
 - teacher pre-training: the config with `students=[]` for P steps, in OUT/teacher/seed-S.
@@ -20,13 +20,11 @@ the students, so 3 F S = 3 F P + F (S - W), i.e. P = S - (S - W) / 3. FLOPs come
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from seeds import mean_curve, relative_change
+from seeds import mean_curve, relative_change, run_or_read
 
 from distill.config import load_config
 from distill.trainer import control_for
@@ -53,19 +51,6 @@ def flops_at(cfg, arm: str, step: int, pretrain: int) -> float:
     return 3 * teacher * pretrain + (teacher + 3 * students) * step
 
 
-def distill_run(config: str, run_dir: Path, overrides: list[str]) -> dict:
-    """The summary of a completed run in `run_dir`, else of `distill run` there (which resumes an
-    interrupted one)."""
-    summary_file = run_dir / "summary.json"
-    if summary_file.is_file() and json.loads(summary_file.read_text())["status"] == "completed":
-        return json.loads(summary_file.read_text())
-    command = [sys.executable, "-m", "distill.cli", "run", config, *overrides, f"run.dir={run_dir}"]
-    print("$", " ".join(command), flush=True)
-    if subprocess.run(command).returncode != 0:
-        raise SystemExit(f"offline.py: failed: {' '.join(command)}")
-    return json.loads((run_dir / "summary.json").read_text())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -90,12 +75,13 @@ def main() -> int:
     arms: dict[str, dict[int, dict]] = {"codistill": {}, "teacher": {}, "offline": {}}
     for seed in args.seeds:
         common = [f"train.seed={seed}"]
-        arms["codistill"][seed] = distill_run(args.config, codistill_dir / f"seed-{seed}", common)
+        arms["codistill"][seed] = run_or_read(args.config, [*common, f"run.dir={codistill_dir / f'seed-{seed}'}"])
         teacher_dir = args.out / "teacher" / f"seed-{seed}"
-        arms["teacher"][seed] = distill_run(args.config, teacher_dir, [*common, "students=[]", f"train.steps={pretrain}"])
-        arms["offline"][seed] = distill_run(args.config, args.out / "offline" / f"seed-{seed}", [
+        arms["teacher"][seed] = run_or_read(args.config, [*common, "students=[]", f"train.steps={pretrain}",
+                                                          f"run.dir={teacher_dir}"])
+        arms["offline"][seed] = run_or_read(args.config, [
             *common, "teacher.source=run", f"teacher.path={teacher_dir}", "teacher.warmup_fraction=null",
-            "teacher.warmup_steps=0", f"train.steps={steps - warmup}"])
+            "teacher.warmup_steps=0", f"train.steps={steps - warmup}", f"run.dir={args.out / 'offline' / f'seed-{seed}'}"])
 
     seeds = args.seeds
     co, off, pre = arms["codistill"], arms["offline"], arms["teacher"]

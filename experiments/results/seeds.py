@@ -3,8 +3,8 @@
     python experiments/results/seeds.py --seeds 0 1 2 [--config experiments/quickstart.yaml]
                                         [--out runs/results] [--plot FIGURE.png] [extra overrides ...]
 
-Each seed is one `distill run CONFIG train.seed=S run.dir=OUT/seed-S` (a finished seed is not
-re-run: its directory resumes and re-reports). Prints Markdown tables of validation bits per byte
+Each seed is one `distill run CONFIG train.seed=S run.dir=OUT/seed-S` (a completed run of the
+same config is read, not run again; an interrupted one resumes). Prints Markdown tables of validation bits per byte
 per seed and model, and each student's difference from its control (the student with
 `control: true`; with several, the one named after the student, e.g. `x-control` for `x`, or
 as `--pair` says): per seed, mean and sample standard deviation over the seeds. `--plot` also draws
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from distill.config import load_config
-from distill.trainer import control_for
+from distill.trainer import control_for, finished_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +29,20 @@ ROOT = Path(__file__).resolve().parents[2]
 def relative_change(value: float, reference: float) -> float:
     """(value - reference) / reference in percent: negative = lower bits per byte than reference."""
     return (value - reference) / reference * 100
+
+
+def run_or_read(config: str, overrides: list[str]) -> dict:
+    """The summary of `distill run CONFIG OVERRIDES` (which name run.dir); a completed run of the
+    same config there is read, not run again."""
+    finished = finished_summary(load_config(config, overrides))
+    if finished:
+        return finished
+    command = [sys.executable, "-m", "distill.cli", "run", config, *overrides]
+    print("$", " ".join(command), flush=True)
+    if subprocess.run(command).returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    run_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("run.dir="))
+    return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def main() -> int:
@@ -56,14 +70,8 @@ def main() -> int:
 
     runs = {}
     for seed in args.seeds:
-        run_dir = Path(args.out) / f"seed-{seed}"
-        command = [sys.executable, "-m", "distill.cli", "run", args.config, f"train.seed={seed}",
-                   f"run.dir={run_dir}", *args.overrides]
-        print("$", " ".join(command), flush=True)
-        if subprocess.run(command).returncode != 0:
-            print(f"seed {seed} failed", file=sys.stderr)
-            return 1
-        runs[seed] = json.loads((run_dir / "summary.json").read_text())
+        runs[seed] = run_or_read(args.config, [f"train.seed={seed}", f"run.dir={Path(args.out) / f'seed-{seed}'}",
+                                               *args.overrides])
 
     seeds = list(runs)
     print("\nValidation bits per byte:\n")

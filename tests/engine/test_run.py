@@ -18,6 +18,7 @@ from distill import cli as distill_cli
 from distill.logging import read_metrics_jsonl, read_scalars
 from distill.model import ConfigError
 from distill.runs import checkpoint_tree, load_models
+from distill.trainer import finished_summary
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -110,7 +111,11 @@ def test_teacher_from_a_run_is_that_runs_teacher(tmp_path):
 
 
 def test_a_run_directory_with_another_config_is_refused(tmp_path):
-    distill.run(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0}))
+    assert finished_summary(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0})) is None
+    summary = distill.run(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0}))
+    # What the results scripts use to skip a finished run: only a run of the same config counts.
+    assert finished_summary(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0})) == summary
+    assert finished_summary(tiny(tmp_path / "run", **{"train.steps": 5, "teacher.warmup_steps": 0})) is None
     before = (tmp_path / "run" / "metrics.jsonl").read_text()
     with pytest.raises(ConfigError, match="different config.*loss.temperature"):
         distill.run(tiny(tmp_path / "run", **{"train.steps": 4, "teacher.warmup_steps": 0, "loss.temperature": 2.0}))
