@@ -79,8 +79,9 @@ def main() -> int:
     print("|---|" + "---|" * len(seeds))
     for model in ["teacher", *controls, *students]:
         print(f"| {model} | " + " | ".join(f"{runs[s]['bpb'][model]:.4f}" for s in seeds) + " |")
-    print("\nTraining seconds (the training loop, over every command that trained the run): "
-          + ", ".join(f"seed {s}: {runs[s]['train_seconds']:.0f}" for s in seeds))
+    print("\nTraining seconds (the training loop, over every command that trained the run; a summary written "
+          "before train_seconds existed gives its command's wall_seconds): "
+          + ", ".join(f"seed {s}: {runs[s].get('train_seconds', runs[s]['wall_seconds']):.0f}" for s in seeds))
 
     print("\nEach student vs its control (negative = better than the control):\n")
     print("| student | control | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |")
