@@ -172,8 +172,7 @@ def random_batch(cfg: Config, seed: int = 0) -> dict:
     """A batch of uniformly random tokens in the step's layout (one unpacked sequence per row)."""
     _, _, _, micro_sharding, shape = _step_placement(cfg)
     rng = np.random.default_rng(seed)
-    vocab = min(cfg.teacher_model().vocab_size, *(cfg.student_model(i).vocab_size for i in range(len(cfg.students))))
-    ids = rng.integers(0, vocab, (*shape[:2], shape[2] + 1)).astype(np.int32)
+    ids = rng.integers(0, cfg.teacher_model().vocab_size, (*shape[:2], shape[2] + 1)).astype(np.int32)  # students': the same
     host = {"tokens": ids[..., :-1], "labels": ids[..., 1:], "mask": np.ones(shape, np.float32),
             "segment_ids": np.zeros(shape, np.int32), "positions": np.broadcast_to(np.arange(shape[2], dtype=np.int32),
                                                                                   shape).copy()}
