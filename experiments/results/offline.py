@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def pretrain_steps(steps: int, warmup: int) -> int:
-    """Teacher pre-training steps that cost what co-training it costs beyond the students' use."""
+    """P such that pre-training (3F each) plus the frozen teacher's forwards for the students
+    (F each, steps - warmup of them) cost what co-training it for `steps` costs: 3F P + F (S - W) = 3F S."""
     return steps - round((steps - warmup) / 3)
 
 
