@@ -234,6 +234,13 @@ class Config:
         s = self.students[index]
         return _model_config(s.preset, s.model, STUDENT_PRESETS, f"students[{index}]")
 
+    def forward_flops_per_step(self) -> tuple[float, list[float]]:
+        """Forward FLOPs over one step's batch: (the teacher's, [each student's]). A model that
+        trains costs 3x its forward (backward = 2x); a frozen teacher 1x."""
+        tokens, seq = self.data.batch_size * self.data.seq_len, self.data.seq_len
+        return (self.teacher_model().forward_flops_per_token(seq) * tokens,
+                [self.student_model(i).forward_flops_per_token(seq) * tokens for i in range(len(self.students))])
+
     def teacher_warmup(self) -> int:
         """Teacher-only steps: `warmup_fraction` of the steps when set, else `warmup_steps`; every
         step when there are no students (pre-training a teacher for offline distillation)."""

@@ -97,14 +97,10 @@ def step_timing(name: str, cfg: Config, *, with_students: bool = True) -> Timing
     return Timing(name, run, compile_s)
 
 
-def step_flops(cfg: Config, *, with_students: bool = True) -> float:
+def step_flops(cfg: Config) -> float:
     """Model FLOPs of one step: 3 forwards for each model that trains, 1 for a frozen teacher."""
-    tokens, seq = cfg.data.batch_size * cfg.data.seq_len, cfg.data.seq_len
-    teacher = cfg.teacher_model().forward_flops_per_token(seq) * tokens * (3 if cfg.teacher.trains else 1)
-    if not with_students:
-        return teacher
-    return teacher + sum(3 * cfg.student_model(i).forward_flops_per_token(seq) * tokens
-                         for i in range(len(cfg.students)))
+    teacher, students = cfg.forward_flops_per_step()
+    return teacher * (3 if cfg.teacher.trains else 1) + 3 * sum(students)
 
 
 def gflops(flops: float, seconds: float) -> float:

@@ -41,10 +41,8 @@ def pretrain_steps(steps: int, warmup: int) -> int:
 def flops_at(cfg, arm: str, step: int, pretrain: int) -> float:
     """Training FLOPs an arm ("codistill", "offline", or its "teacher" pre-training) has spent at
     run step `step` (in the co-distillation arm the students train from the warm-up on)."""
-    tokens = cfg.data.batch_size * cfg.data.seq_len
-    teacher = cfg.teacher_model().forward_flops_per_token(cfg.data.seq_len) * tokens
-    students = sum(cfg.student_model(i).forward_flops_per_token(cfg.data.seq_len)
-                   for i in range(len(cfg.students))) * tokens
+    teacher, per_student = cfg.forward_flops_per_step()
+    students = sum(per_student)
     if arm == "teacher":  # pre-training alone
         return 3 * teacher * step
     if arm == "codistill":
