@@ -34,6 +34,19 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_CODES.get(summary["status"], 1)
 
 
+def _cache(args: argparse.Namespace) -> int:
+    import json
+
+    from distill.config import load_config
+    from teacher.cache import write_cache
+
+    meta = write_cache(load_config(args.config, args.overrides), args.out, args.k)
+    print(json.dumps({"cache": args.out, "k": meta["k"], "steps": meta["steps"], "eval_batches": meta["eval_batches"],
+                      "write_seconds": round(meta["write_seconds"], 1), **meta["stats"]}, indent=2))
+    print(f"students read it with teacher.source=cache teacher.path={args.out}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     import json
 
@@ -50,6 +63,10 @@ def _export(args: argparse.Namespace) -> int:
 
     cfg, step, teacher, students = load_models(args.run_dir)
     name = args.model or next((s.name for s in cfg.students if not s.control), cfg.students[0].name)
+    if name == "teacher" and teacher is None:
+        print(f"distill export: {args.run_dir} distilled from a teacher cache and holds no teacher; choose one of "
+              f"{', '.join(students)}", file=sys.stderr)
+        return 2
     if name != "teacher" and name not in students:
         print(f"distill export: --model {name!r} is not in the run; choose teacher or one of "
               f"{', '.join(students)}", file=sys.stderr)
@@ -122,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     changed.add_argument("--force-new", action="store_true", help="run.dir holds another run: move it to "
                          "<dir>.replaced-<time> and start a new run")
     run.set_defaults(handler=_run)
+    cache = commands.add_parser("cache", help="write a frozen teacher's top-k log-probabilities over a run's batches "
+                                              "(the offline logit cache: teacher.source=cache reads it)")
+    cache.add_argument("config", help="a run config whose teacher section names a trained teacher (source run/hf); "
+                                      "its data, seed, steps and batch geometry fix the batches cached")
+    cache.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.path=runs/t train.steps=500")
+    cache.add_argument("--k", type=int, required=True, help="entries kept per token, most probable first")
+    cache.add_argument("--out", required=True, help="the cache directory (a write resumes in it)")
+    cache.set_defaults(handler=_cache)
     evaluate = commands.add_parser("eval", help="evaluate a run's latest checkpoint on its validation split")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--batches", type=int, default=None, help="at most this many validation batches")

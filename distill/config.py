@@ -82,6 +82,8 @@ class LossConfig:
     load_balance_weight: float = 0.01  # Switch load-balancing loss, summed over MoE layers
     router_z_weight: float = 0.001  # router z-loss, summed over MoE layers
     router_kd_weight: float = 0.0  # student router matches the teacher's (needs equal expert counts)
+    teacher_top_k: int | None = None  # distil from the teacher's k most probable tokens only (null: all)
+    teacher_tail: Literal["uniform", "renormalize"] = "uniform"  # the mass outside a top-k (losses.SparseTeacher)
 
     def __post_init__(self):
         if self.kd not in KD_LOSSES:
@@ -91,6 +93,8 @@ class LossConfig:
         for name in ("load_balance_weight", "router_z_weight", "router_kd_weight", "label_smoothing"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ConfigError(f"teacher_top_k={self.teacher_top_k}: must be >= 1 (null: the whole vocabulary)")
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,9 @@ class TeacherConfig:
 
     preset: str | None = "cpu-teacher"  # a name in teacher.presets (null: model gives every field)
     model: dict = field(default_factory=dict)  # ModelConfig fields overriding the preset
-    source: Literal["scratch", "run", "hf"] = "scratch"  # fresh weights, a run directory, or a HF directory
-    path: str | None = None  # the run or HF directory for source run/hf
+    source: Literal["scratch", "run", "hf", "cache"] = "scratch"  # fresh weights, a run or HF directory, or
+    # an offline logit cache (`distill cache`: no teacher runs, students distil from its top-k)
+    path: str | None = None  # the run, HF or cache directory for source run/hf/cache
     trainable: bool | None = None  # null: trains when source is scratch (co-distillation), else frozen
     warmup_steps: int = 0  # teacher-only steps before the students start
     warmup_fraction: float | None = None  # the same as a fraction of train.steps (replaces warmup_steps)
@@ -126,6 +131,14 @@ class TeacherConfig:
             raise ConfigError(f"teacher.refresh_every={self.refresh_every}: must be >= 1")
         if self.mutual_weight < 0:
             raise ConfigError(f"teacher.mutual_weight={self.mutual_weight}: must be >= 0")
+        if self.source == "cache":
+            trained = {"trainable": self.trainable is True, "warmup_steps": self.warmup_steps > 0,
+                       "warmup_fraction": bool(self.warmup_fraction), "mutual_weight": self.mutual_weight > 0,
+                       "target": self.target != "live"}
+            name = next((name for name, set_ in trained.items() if set_), None)
+            if name:
+                raise ConfigError(f"teacher.{name}={getattr(self, name)!r}: a cached teacher does not run or "
+                                  "train; remove it (teacher.source=cache)")
         if self.trainable is False and self.target != "live":
             raise ConfigError(f"teacher.target={self.target!r}: a frozen teacher has only the live copy")
 
@@ -236,9 +249,10 @@ class Config:
 
     def forward_flops_per_step(self) -> tuple[float, list[float]]:
         """Forward FLOPs over one step's batch: (the teacher's, [each student's]). A model that
-        trains costs 3x its forward (backward = 2x); a frozen teacher 1x."""
+        trains costs 3x its forward (backward = 2x); a frozen teacher 1x; a cached teacher none."""
         tokens, seq = self.data.batch_size * self.data.seq_len, self.data.seq_len
-        return (self.teacher_model().forward_flops_per_token(seq) * tokens,
+        cached = self.teacher.source == "cache"
+        return (0.0 if cached else self.teacher_model().forward_flops_per_token(seq) * tokens,
                 [self.student_model(i).forward_flops_per_token(seq) * tokens for i in range(len(self.students))])
 
     def teacher_warmup(self) -> int:

@@ -218,7 +218,10 @@ def process_row_block(sharding: NamedSharding, global_shape: tuple[int, ...], ax
 
 
 def global_batch(local: dict, sharding: NamedSharding, global_shape: tuple[int, ...]) -> dict:
-    """Global arrays from this process's block of rows (one process: a plain device_put)."""
+    """Global arrays from this process's block of rows (one process: a plain device_put);
+    `global_shape` gives the leading dimensions, an array's trailing ones (e.g. a cached teacher's
+    top-k) are whole on every process."""
     if jax.process_count() == 1:
         return jax.device_put(local, sharding)
-    return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in local.items()}
+    return {k: jax.make_array_from_process_local_data(sharding, v, (*global_shape, *v.shape[len(global_shape):]))
+            for k, v in local.items()}

@@ -86,10 +86,12 @@ def model_with_params(cfg, params_tree: dict, where: str) -> Transformer:
 
 
 def load_models(run_dir: str | Path, step: int | None = None) -> tuple[Config, int, Transformer, dict]:
-    """(config, step, teacher, {student name: student}) from a run directory's checkpoint."""
+    """(config, step, teacher, {student name: student}) from a run directory's checkpoint; the
+    teacher is None in a run that distilled from a cache (teacher.source=cache)."""
     cfg = run_config(run_dir)
     step, tree = checkpoint_tree(run_dir, step)
-    teacher = model_with_params(cfg.teacher_model(), tree["teacher"]["params"], f"{run_dir} teacher")
+    teacher = None if cfg.teacher.source == "cache" else model_with_params(
+        cfg.teacher_model(), tree["teacher"]["params"], f"{run_dir} teacher")
     students = {s.name: model_with_params(cfg.student_model(i), tree["students"][str(i)]["params"]
                                           if isinstance(tree["students"], dict) else tree["students"][i]["params"],
                                           f"{run_dir} student {s.name}")
@@ -105,16 +107,21 @@ def evaluate_run(run_dir: str | Path, *, max_batches: int | None = None, step: i
     from distill.parallel import single_device_mesh
     from distill.step import ModelState, TrainState, eval_metrics, eval_step
     from distill.trainer import Models, _plan
+    from teacher.cache import TeacherCache
 
     cfg, step, teacher, students = load_models(run_dir, step)
     plan = _plan(cfg, Models(teacher, list(students.values())), single_device_mesh())
-    state = TrainState(step=step, teacher=ModelState(nnx.state(teacher, nnx.Param), None), target=None,
+    teacher_params = {} if teacher is None else nnx.state(teacher, nnx.Param)
+    state = TrainState(step=step, teacher=ModelState(teacher_params, None), target=None,
                        students=tuple(ModelState(nnx.state(m, nnx.Param), None) for m in students.values()),
                        skipped=None, last_skipped=None)
     data = build_data(cfg.data, seed=cfg.train.seed)
+    cache = TeacherCache(cfg.teacher.path) if teacher is None else None
     evaluate = jax.jit(lambda s, b: eval_step(plan, s, b))
     sums: dict[str, float] = {}
-    for batch in data.validation_batches(max_batches):
+    for i, batch in enumerate(data.validation_batches(max_batches)):
+        if cache:
+            batch = {**batch, **cache.entries("eval", i, batch["tokens"])}
         for key, value in jax.device_get(evaluate(state, batch)).items():
             sums[key] = sums.get(key, 0.0) + float(value)
     return {"step": step, **eval_metrics(sums)}

@@ -28,7 +28,8 @@ from distill.model import ModelOutput
 from distill.model.sharding import ShardingContext, use_sharding
 
 Batch = dict[str, jax.Array]  # tokens, labels, mask, segment_ids, positions: [rows, seq]
-# (train_step takes them as micro-batches, [grad_accum, rows, seq])
+# (train_step takes them as micro-batches, [grad_accum, rows, seq]); with a cached teacher also
+# teacher_indices, teacher_log_probs [..., k] and teacher_label_log_prob (teacher/cache.py)
 
 
 @struct.dataclass
@@ -63,7 +64,7 @@ class StudentPlan:
 class StepPlan:
     """Everything static about the step: graphs, optimizers, losses, teacher mode."""
 
-    teacher_graph: Any
+    teacher_graph: Any  # None: a cached teacher (its top-k entries come with the batch)
     teacher_tx: optax.GradientTransformation | None  # None: frozen teacher
     teacher: TeacherConfig
     teacher_experts: int
@@ -126,13 +127,32 @@ def _router_entropy(out: ModelOutput) -> jax.Array:
     return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
 
 
+def _accuracy_of(predicted: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    return losses.token_mean((predicted == labels).astype(jnp.float32), mask)
+
+
 def _accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    return losses.token_mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask > 0)
+    return _accuracy_of(jnp.argmax(logits, -1), labels, mask > 0)
+
+
+def cached_teacher(batch: Batch) -> losses.SparseTeacher:
+    """The teacher of an offline cache: its top-k entries, carried by the batch."""
+    return losses.SparseTeacher(batch["teacher_indices"], batch["teacher_log_probs"])
+
+
+def _distillation_target(target, cfg: LossConfig):
+    """What a student distils from: the teacher's logits, or its top `cfg.teacher_top_k` entries
+    (of the live logits, or the first of a cache's) with `cfg.teacher_tail` for the rest."""
+    k, tail = cfg.teacher_top_k, cfg.teacher_tail
+    if isinstance(target, losses.SparseTeacher):
+        return losses.SparseTeacher(target.indices[..., :k], target.log_probs[..., :k], tail)
+    return target if k is None else losses.top_k_teacher(target, k, tail=tail)
 
 
 def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step):
     out = forward(plan.graph, params, batch, plan.sharding)
     mask, labels, cfg = batch["mask"] > 0, batch["labels"], plan.loss
+    target_logits = _distillation_target(target_logits, cfg)
     if plan.control:
         per_token = losses.cross_entropy(out.logits, labels, label_smoothing=cfg.label_smoothing, mask=mask)
         stats = {"ce": losses.token_mean(per_token, mask)}
@@ -219,7 +239,9 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
     def micro(carry, xs):
         mb, weight = xs  # weight: this micro-batch's share of the step's tokens
         teacher_grads, student_grads = carry
-        if teacher_trains:
+        if plan.teacher_graph is None:
+            t_logits = t_router = t_counts = None
+        elif teacher_trains:
             def teacher_forward(params):
                 out = forward(plan.teacher_graph, params, mb, plan.teacher_sharding)
                 return (out.logits, out.router_logits), (out.expert_indices, out.expert_counts)
@@ -229,7 +251,9 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
             out = forward(plan.teacher_graph, state.teacher.params, mb, plan.teacher_sharding)
             t_logits, t_router, t_indices, t_counts = out.logits, out.router_logits, out.expert_indices, \
                 out.expert_counts
-        if state.target is not None and students:
+        if plan.teacher_graph is None:
+            target_logits, target_router = cached_teacher(mb), None
+        elif state.target is not None and students:
             target_out = forward(plan.teacher_graph, state.target, mb, plan.teacher_sharding)
             target_logits, target_router = target_out.logits, target_out.router_logits
         else:
@@ -246,8 +270,14 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
             student_metrics.append((metrics, load))
             student_logits.append(logits)
 
-        teacher_load = (t_counts / jnp.maximum(jnp.sum(t_counts, -1, keepdims=True), 1)).astype(jnp.float32)
-        t_metrics = {"accuracy": _accuracy(t_logits, mb["labels"], mb["mask"])}
+        mask = mb["mask"] > 0
+        if plan.teacher_graph is None:  # the cache holds the label's log-probability: the CE is exact
+            teacher_load = None
+            t_metrics = {"accuracy": _accuracy_of(mb["teacher_indices"][..., 0], mb["labels"], mask),
+                         "ce": losses.token_mean(-mb["teacher_label_log_prob"], mask)}
+        else:
+            teacher_load = (t_counts / jnp.maximum(jnp.sum(t_counts, -1, keepdims=True), 1)).astype(jnp.float32)
+            t_metrics = {"accuracy": _accuracy(t_logits, mb["labels"], mb["mask"])}
         if teacher_trains:
             loss_fn = lambda outs: _teacher_loss(  # noqa: E731
                 (*outs, t_indices), mb, plan.teacher, plan.teacher_experts, student_logits)
@@ -255,9 +285,8 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
             (grads,) = pullback(cotangent)
             teacher_grads = jax.tree.map(lambda a, g: a + weight * g, teacher_grads, grads)
             t_metrics.update(loss_metrics)
-        else:
-            t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mb["mask"] > 0),
-                                                mb["mask"] > 0)
+        elif t_logits is not None:
+            t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mask), mask)
         weigh = lambda tree: jax.tree.map(lambda x: weight * x, tree)  # noqa: E731
         return (teacher_grads, tuple(new_student_grads)), weigh((t_metrics, teacher_load, tuple(student_metrics)))
 
@@ -272,7 +301,8 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         teacher_grads, student_grads = jax.tree.map(lambda g: g * poison, (teacher_grads, student_grads))
     updated = [jnp.bool_(True)] * (1 + len(state.students))  # a model that does not step is not skipped
     metrics = {f"teacher/{k}": v for k, v in _sum_over_micro(t_metrics).items()}
-    metrics["teacher/expert_load"] = jnp.sum(t_load, axis=0)
+    if t_load is not None:
+        metrics["teacher/expert_load"] = jnp.sum(t_load, axis=0)
 
     teacher, target = state.teacher, state.target
     if teacher_trains:
@@ -311,17 +341,21 @@ def eval_step(plan: StepPlan, state: TrainState, batch: Batch) -> dict[str, jax.
     student's top-1 equals the teacher's; `student/<n>/kl`: summed KL(teacher || student), T = 1.
     """
     mask = batch["mask"] > 0
-    teacher_logits = forward(plan.teacher_graph, state.teacher.params, batch, plan.teacher_sharding).logits
     total = lambda x: jnp.sum(jnp.where(mask, x, 0.0))  # noqa: E731
-    out = {"tokens": jnp.sum(mask.astype(jnp.float32)),
-           "teacher/nats": total(losses.cross_entropy(teacher_logits, batch["labels"], mask=mask))}
-    teacher_top1 = jnp.argmax(teacher_logits, -1)
+    if plan.teacher_graph is None:  # a cache: exact CE and top-1; the KL against its top-k, uniform tail
+        teacher, teacher_top1 = cached_teacher(batch), batch["teacher_indices"][..., 0]
+        teacher_nats = -batch["teacher_label_log_prob"]
+    else:
+        teacher = forward(plan.teacher_graph, state.teacher.params, batch, plan.teacher_sharding).logits
+        teacher_top1 = jnp.argmax(teacher, -1)
+        teacher_nats = losses.cross_entropy(teacher, batch["labels"], mask=mask)
+    out = {"tokens": jnp.sum(mask.astype(jnp.float32)), "teacher/nats": total(teacher_nats)}
     for sp, s_state in zip(plan.students, state.students):
         logits = forward(sp.graph, s_state.params, batch, sp.sharding).logits
         prefix = f"student/{sp.name}/"
         out[prefix + "nats"] = total(losses.cross_entropy(logits, batch["labels"], mask=mask))
         out[prefix + "agree"] = total((jnp.argmax(logits, -1) == teacher_top1).astype(jnp.float32))
-        out[prefix + "kl"] = total(losses.forward_kl(logits, teacher_logits, mask=mask))
+        out[prefix + "kl"] = total(losses.forward_kl(logits, teacher, mask=mask))
     return out
 
 

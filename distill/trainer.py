@@ -29,22 +29,25 @@ from distill.progress import Progress
 from distill.step import ModelState, StepPlan, StudentPlan, TrainState, eval_metrics, eval_step, make_optimizer, \
     train_step
 from student import init_from_teacher
+from teacher.cache import TeacherCache, read_meta
 from teacher.sources import load_teacher
 
 
 @dataclass
 class Models:
-    teacher: object
+    teacher: object  # None: a cached teacher (teacher.source=cache)
     students: list
 
 
 def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
     """The teacher and students with their initial weights; `abstract`: their shapes only."""
     seed = cfg.train.seed
+    cached = cfg.teacher.source == "cache"
     if abstract:
         shape_of = lambda model_cfg: nnx.eval_shape(lambda: build_model(model_cfg, seed=seed))  # noqa: E731
-        return Models(shape_of(cfg.teacher_model()), [shape_of(cfg.student_model(i)) for i in range(len(cfg.students))])
-    teacher = load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
+        return Models(None if cached else shape_of(cfg.teacher_model()),
+                      [shape_of(cfg.student_model(i)) for i in range(len(cfg.students))])
+    teacher = None if cached else load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
     students = []
     for i, s in enumerate(cfg.students):
         # One seed for every student: students of the same architecture start from the same
@@ -59,21 +62,25 @@ def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
 def abstract_state(plan: StepPlan, models: Models) -> TrainState:
     """Shapes and dtypes of the initial state (no weights computed), from abstract models."""
     def initial():
-        return _initial_state(plan, Models(build_model(models.teacher.cfg), [build_model(m.cfg) for m in models.students]))
+        teacher = None if models.teacher is None else build_model(models.teacher.cfg)
+        return _initial_state(plan, Models(teacher, [build_model(m.cfg) for m in models.students]))
     return jax.eval_shape(initial)
 
 
 def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
     steps = cfg.train.steps
     student_steps = steps - cfg.teacher_warmup()
-    t_graph, _ = nnx.split(models.teacher)
+    t_graph = None if models.teacher is None else nnx.split(models.teacher)[0]
     teacher_tx = make_optimizer(cfg.teacher.optim or cfg.optim, steps) if cfg.teacher.trains else None
-    t_cfg = models.teacher.cfg
+    t_cfg = cfg.teacher_model()
     plans = []
     for i, (s, model) in enumerate(zip(cfg.students, models.students)):
         graph, _ = nnx.split(model)
         loss = cfg.student_loss(i)
         router_kd = loss.router_kd_weight > 0 and not s.control
+        if router_kd and t_graph is None:
+            raise ConfigError(f"students[{i}].loss.router_kd_weight={loss.router_kd_weight}: a cached teacher has no "
+                              "router logits; set it to 0")
         if router_kd and (model.cfg.num_moe_layers != t_cfg.num_moe_layers
                           or model.cfg.num_local_experts != t_cfg.num_local_experts):
             raise ConfigError(f"students[{i}].loss.router_kd_weight={loss.router_kd_weight}: router distillation "
@@ -88,7 +95,7 @@ def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
 
 
 def _initial_state(plan: StepPlan, models: Models) -> TrainState:
-    t_params = nnx.state(models.teacher, nnx.Param)
+    t_params = {} if models.teacher is None else nnx.state(models.teacher, nnx.Param)
     teacher = ModelState(t_params, plan.teacher_tx.init(t_params) if plan.teacher_tx else None)
     target = jax.tree.map(jnp.copy, t_params) if plan.teacher_tx and plan.teacher.target != "live" else None
     student_params = [nnx.state(m, nnx.Param) for m in models.students]
@@ -143,14 +150,24 @@ def _step_placement(cfg: Config):
             (accum, cfg.data.batch_size // accum, cfg.data.seq_len))
 
 
+def _batch_specs(cfg: Config, shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], type]]:
+    """(shape, dtype) of each array of the step's batch; a cached teacher adds its top-k entries."""
+    specs = {k: (shape, np.float32 if k == "mask" else np.int32) for k in BATCH_KEYS}
+    if cfg.teacher.source == "cache":
+        k = read_meta(cfg.teacher.path)["k"]
+        specs.update(teacher_indices=((*shape, k), np.int32), teacher_log_probs=((*shape, k), np.float32),
+                     teacher_label_log_prob=(shape, np.float32))
+    return specs
+
+
 def compiled_step(cfg: Config, *, with_students: bool = True):
     """The co-distillation step of `cfg` on its mesh (`with_students=False`: the teacher-only
     warm-up step), lowered and compiled from shapes alone (no weights, no data): `.as_text()` is
     the HLO whose collectives docs/sharding.md lists; calling it needs `initial_state` and a batch
     like `random_batch`'s."""
     plan, shapes, state_sharding, micro_sharding, batch_shape = _step_placement(cfg)
-    batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if k == "mask" else jnp.int32, sharding=micro_sharding)
-             for k in BATCH_KEYS}
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=micro_sharding)
+             for k, (shape, dtype) in _batch_specs(cfg, batch_shape).items()}
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
     step = jit_step(plan, state_sharding, micro_sharding, cfg.teacher_warmup(), with_students=with_students)
     return step.lower(state, batch).compile()
@@ -163,19 +180,30 @@ def initial_state(cfg: Config) -> TrainState:
 
 
 def _placed_initial_state(cfg: Config, plan: StepPlan, state_sharding) -> TrainState:
-    if cfg.teacher.source == "scratch":  # initialise straight into the shardings: no device holds a whole model
+    if cfg.teacher.source in ("scratch", "cache"):  # initialise straight into the shardings: no device holds a whole model
         return jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
     return jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)  # a loaded teacher: host arrays
 
 
 def random_batch(cfg: Config, seed: int = 0) -> dict:
-    """A batch of uniformly random tokens in the step's layout (one unpacked sequence per row)."""
+    """A batch of uniformly random tokens in the step's layout (one unpacked sequence per row); with
+    a cached teacher, the top-k of random teacher logits."""
     _, _, _, micro_sharding, shape = _step_placement(cfg)
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.teacher_model().vocab_size, (*shape[:2], shape[2] + 1)).astype(np.int32)  # students': the same
+    vocab = cfg.teacher_model().vocab_size  # students': the same
+    ids = rng.integers(0, vocab, (*shape[:2], shape[2] + 1)).astype(np.int32)
     host = {"tokens": ids[..., :-1], "labels": ids[..., 1:], "mask": np.ones(shape, np.float32),
             "segment_ids": np.zeros(shape, np.int32), "positions": np.broadcast_to(np.arange(shape[2], dtype=np.int32),
                                                                                   shape).copy()}
+    specs = _batch_specs(cfg, shape)
+    if "teacher_indices" in specs:
+        logits = rng.normal(size=(*shape, vocab))
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        top = np.argsort(-log_probs, axis=-1)[..., :specs["teacher_indices"][0][-1]]
+        host.update(teacher_indices=top.astype(np.int32),
+                    teacher_log_probs=np.take_along_axis(log_probs, top, -1).astype(np.float32),
+                    teacher_label_log_prob=np.take_along_axis(log_probs, host["labels"][..., None], -1)[..., 0]
+                    .astype(np.float32))
     return {k: jax.device_put(v, micro_sharding) for k, v in host.items()}
 
 
@@ -341,11 +369,13 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     rows = process_row_block(micro_sharding, micro_shape, 1, jax.process_index())
     data = build_data(cfg.data, seed=cfg.train.seed)
     abstract_models = _build_models(cfg, abstract=True)
-    for role, model in [("teacher", abstract_models.teacher)] + [(f"students[{i}]", m)
-                                                               for i, m in enumerate(abstract_models.students)]:
-        if data.vocab_size > model.cfg.vocab_size:
-            raise ConfigError(f"{role}.model.vocab_size={model.cfg.vocab_size}: the tokenizer has "
+    for role, model_cfg in [("teacher", cfg.teacher_model())] + [(f"students[{i}]", cfg.student_model(i))
+                                                                for i in range(len(cfg.students))]:
+        if data.vocab_size > model_cfg.vocab_size:
+            raise ConfigError(f"{role}.model.vocab_size={model_cfg.vocab_size}: the tokenizer has "
                               f"{data.vocab_size} tokens; the model needs at least as many")
+    if cfg.teacher.source == "cache":
+        TeacherCache(cfg.teacher.path).check_run(cfg)
     plan = _plan(cfg, abstract_models, mesh)
     shapes = abstract_state(plan, abstract_models)
     state_sharding = state_shardings(plan, shapes)
@@ -373,7 +403,13 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     accum, warmup = cfg.train.grad_accum, cfg.teacher_warmup()
     checkpoints = Checkpoints(run_dir, keep=cfg.train.keep_checkpoints)
     per_process = rows.stop - rows.start
-    iterator = data.train_iterator(rows.start // per_process, micro_shape[1] // per_process)
+    shard = (rows.start // per_process, micro_shape[1] // per_process)
+    iterator = data.train_iterator(*shard)
+    cache = TeacherCache(cfg.teacher.path) if cfg.teacher.source == "cache" else None
+
+    def with_teacher(split: str, index: int, batch: dict, shard: tuple[int, int]) -> dict:
+        """The batch, with a cached teacher's entries for it."""
+        return {**batch, **cache.entries(split, index, batch["tokens"], *shard)} if cache else batch
     start = 0
     restored = checkpoints.restore_latest(abstract_like(state)) if existing else None
     if restored is not None:
@@ -383,12 +419,14 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     eval_shape = (cfg.data.batch_size, cfg.data.seq_len)
     eval_rows = process_row_block(eval_sharding, eval_shape, 0, jax.process_index())
     eval_per_process = eval_rows.stop - eval_rows.start
-    validation = data.validation_batches(cfg.train.eval_batches or None, shard_index=eval_rows.start // eval_per_process,
-                                         shard_count=eval_shape[0] // eval_per_process)
+    eval_shard = (eval_rows.start // eval_per_process, eval_shape[0] // eval_per_process)
+    validation = data.validation_batches(cfg.train.eval_batches or None, shard_index=eval_shard[0],
+                                         shard_count=eval_shard[1])
 
     def run_eval() -> dict[str, float]:
         sums: dict[str, float] = {}
-        for batch in validation:
+        for i, batch in enumerate(validation):
+            batch = with_teacher("eval", i, batch, eval_shard)
             out = jax.device_get(evaluate(state, global_batch(batch, eval_sharding, eval_shape)))
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -422,7 +460,8 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     try:
         with StopSignals() as signals:
             for step in range(start, steps):
-                batch = global_batch(_micro_batches(next(iterator), accum), micro_sharding, micro_shape)
+                batch = with_teacher("train", step, next(iterator), shard)
+                batch = global_batch(_micro_batches(batch, accum), micro_sharding, micro_shape)
                 step_fn = teacher_step if step < warmup else full_step
                 state, metrics = step_fn(state, batch)
                 window_steps += 1

@@ -1,4 +1,5 @@
-"""Where a teacher's weights come from: fresh, another run's latest checkpoint, or a HF directory."""
+"""Where a teacher's weights come from: fresh, another run's latest checkpoint, or a HF directory
+(or none: an offline logit cache, teacher/cache.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def teacher_from_run(run_dir: str | Path, cfg: ModelConfig) -> Transformer:
 
 def teacher_model_config(source: str, path: str | None, preset: str | None, overrides: dict) -> ModelConfig:
     """The teacher's `ModelConfig`: the preset (scratch), the other run's teacher (run) or the HF
-    config (hf), with `overrides` (e.g. `dtype: bfloat16` for a frozen teacher) applied last."""
+    config (hf) or the cached teacher's (cache), with `overrides` (e.g. `dtype: bfloat16` for a frozen teacher) applied last."""
     from distill.configtools import from_dict
     from distill.model.presets import lookup
     from teacher.presets import TEACHER_PRESETS
@@ -37,6 +38,10 @@ def teacher_model_config(source: str, path: str | None, preset: str | None, over
             raise ConfigError(f"teacher.path={path!r}: its config.yaml has no teacher section")
         other = from_dict(TeacherConfig, raw["teacher"], f"{path}: teacher")
         base = teacher_model_config(other.source, other.path, other.preset, other.model).to_dict()
+    elif source == "cache":
+        from teacher.cache import read_meta
+
+        base = read_meta(path)["teacher_model"]
     else:
         import json
 
