@@ -1,4 +1,4 @@
-"""The scripts behind docs/results.md: seeds.py and offline.py."""
+"""The scripts behind docs/results.md: seeds.py, offline.py and cache.py."""
 
 from __future__ import annotations
 
@@ -61,3 +61,20 @@ def test_seeds_script_tables_and_plot(tmp_path):
     summaries = [distill.load_config(tmp_path / "runs" / f"seed-{s}" / "config.yaml") for s in (0, 1)]
     assert [c.train.seed for c in summaries] == [0, 1]
     assert row.count("%") == 4 and "+-" in row  # two seeds, then mean% +- std% and (tmp_path / "seeds.png").stat().st_size
+
+
+@pytest.mark.slow
+def test_cache_script_compares_cached_students_with_online_kd(tmp_path):
+    out = tmp_path / "runs"
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "results" / "cache.py"), "--config", str(TINY),
+                             "--seeds", "0", "--out", str(out), "--k", "8", "--student-k", "1", "8", "--plot",
+                             str(tmp_path / "cache.png")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| cached k8 vs online KD |" in result.stdout and (tmp_path / "cache.png").stat().st_size
+    cached = distill.load_config(out / "cached" / "seed-0" / "config.yaml")
+    assert cached.teacher.source == "cache" and [s.name for s in cached.students] == ["control", "k1", "k8"]
+    assert [cached.student_loss(i).teacher_top_k for i in (1, 2)] == [1, 8]
+    # the control never sees the teacher: the cached run's control is the online run's
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| control (online / cached) |"))
+    online, from_cache = row.split("|")[2].split("/")
+    assert online.strip() == from_cache.strip()
