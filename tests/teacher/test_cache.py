@@ -5,6 +5,7 @@ interrupted write, and the refusals."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,22 @@ def test_cached_teacher_costs_no_flops_and_its_step_compiles_from_shapes(trained
     assert "teacher/expert_load" not in metrics
     for name in ("teacher/ce", "student/distilled/kd", "student/control/kd", "student/distilled/loss"):
         assert np.isfinite(float(metrics[name])) and float(metrics[name]) > 0, name
+
+
+def test_a_sharded_run_reads_the_cache_like_one_device(trained, tmp_path):
+    """8 simulated devices (data 2 x fsdp 2 x tensor 2): the batch's top-k arrays split by rows."""
+    _, cache_dir = trained
+    overrides = {"teacher.source": "cache", "teacher.path": cache_dir, "teacher.warmup_steps": 0}
+    one = run(tiny(**overrides, **{"run.dir": tmp_path / "one"}))
+    mesh_overrides = [f"{k}={v}" for k, v in overrides.items()]
+    mesh_overrides += [f"run.dir={tmp_path / 'mesh'}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                       "mesh.rules={kv_heads: null}"]  # the tiny model has one KV head
+    script = (f"import json, distill; s = distill.run(distill.load_config({str(TINY)!r}, {mesh_overrides!r})); "
+              "print(json.dumps(s['bpb']))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                                 "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, value in one["bpb"].items():
+        assert sharded[name] == pytest.approx(value, rel=1e-4), name
