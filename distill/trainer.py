@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distill.checkpoint import CheckpointWriteError, Checkpoints, abstract_like, check_shapes, committed_steps
-from distill.config import Config, save_config
+from distill.config import Config, build_config, save_config
 from distill.data import build_data
 from distill.data.packing import BATCH_KEYS
 from distill.guards import RunLock, StopSignals
@@ -270,8 +270,15 @@ def _write_config(cfg: Config, run_dir: Path, on_changed_config: str) -> bool:
 
 
 def _config_changes(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[dict, dict, list[str]]:
-    """(the run's previous config, `cfg` as written, the keys `cfg` changes); refused unless resuming."""
+    """(the run's previous config, `cfg` as written, the keys `cfg` changes); refused unless resuming.
+
+    The previous config is read as this version resolves it: a field added since the run was
+    written takes its default there, so a new option alone does not make an old run "different"."""
     previous = yaml.safe_load((run_dir / "config.yaml").read_text())
+    try:
+        previous = yaml.safe_load(yaml.safe_dump(build_config(previous, {}).to_dict(), sort_keys=False))
+    except ConfigError:  # it no longer loads (a field since removed): compare it as written
+        pass
     resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     changed = sorted(_diff_keys(_without_placement(previous), _without_placement(resolved)))
     if changed and on_changed_config != "resume":

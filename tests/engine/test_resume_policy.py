@@ -69,3 +69,23 @@ def test_resume_and_force_new_exclude_each_other(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["run", str(TINY), "--resume", "--force-new"])
     assert exit_.value.code == 2
+
+
+def test_a_run_written_before_an_option_existed_is_the_same_config(finished):
+    """config.yaml of an older version lacks fields added since: they take their defaults, so the
+    run still counts as finished (scripts read it) and resumes without --resume; a real change is
+    still refused, and a config.yaml that no longer loads is compared as written."""
+    from distill.trainer import finished_summary
+
+    cfg = tiny(finished)
+    written = yaml.safe_load((finished / "config.yaml").read_text())
+    del written["loss"]["teacher_tail"], written["students"][0]["loss"]
+    (finished / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    assert finished_summary(cfg)["status"] == "completed"
+    assert distill.run(cfg)["status"] == "completed"  # nothing left to train: it reports
+    assert finished_summary(tiny(finished, "loss.teacher_tail=renormalize")) is None
+    with pytest.raises(ConfigError, match=r"different config \(changed: loss.teacher_tail\)"):
+        distill.run(tiny(finished, "loss.teacher_tail=renormalize"))
+    written["loss"]["option_of_another_version"] = 1
+    (finished / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    assert finished_summary(cfg) is None
