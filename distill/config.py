@@ -20,7 +20,7 @@ from distill.data import DataConfig
 from distill.model.config import ConfigError, ModelConfig
 from distill.model.presets import lookup
 from distill.model.sharding import DEFAULT_RULES, resolve_rules
-from losses import KD_LOSSES, WeightingConfig
+from losses import KD_LOSSES, FilterConfig, WeightingConfig
 from student.presets import STUDENT_PRESETS
 from teacher.sources import teacher_model_config
 
@@ -84,6 +84,7 @@ class LossConfig:
     router_kd_weight: float = 0.0  # student router matches the teacher's (needs equal expert counts)
     teacher_top_k: int | None = None  # distil from the teacher's k most probable tokens only (null: all)
     teacher_tail: Literal["uniform", "renormalize"] = "uniform"  # the mass outside a top-k (losses.SparseTeacher)
+    filter: FilterConfig = field(default_factory=FilterConfig)  # drop the easiest rows (losses.filtering)
 
     def __post_init__(self):
         if self.kd not in KD_LOSSES:

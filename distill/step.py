@@ -149,7 +149,14 @@ def _distillation_target(target, cfg: LossConfig):
     return target if k is None else losses.top_k_teacher(target, k, tail=tail)
 
 
-def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step):
+def _teacher_judgement(target, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(log p_T(label), the teacher's top-1) per token, what difficulty filtering scores rows by."""
+    if isinstance(target, losses.SparseTeacher):  # a cache holds the label's log-probability
+        return batch["teacher_label_log_prob"], target.indices[..., 0]
+    return -losses.cross_entropy(target, batch["labels"], mask=batch["mask"] > 0), jnp.argmax(target, -1)
+
+
+def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step, judgement):
     out = forward(plan.graph, params, batch, plan.sharding)
     mask, labels, cfg = batch["mask"] > 0, batch["labels"], plan.loss
     target_logits = _distillation_target(target_logits, cfg)
@@ -160,12 +167,21 @@ def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target
         per_token, stats = losses.distillation_loss(
             out.logits, target_logits, labels, step=student_step, weighting=cfg.weighting, kd=cfg.kd,
             kd_kwargs=cfg.kd_kwargs, temperature=cfg.temperature, mask=mask, label_smoothing=cfg.label_smoothing)
-    main = losses.token_mean(per_token, mask)
-    balance, z = _router_terms(out.router_logits, out.expert_indices, mask, plan.num_experts)
+    metrics = {}
+    token_weights = mask
+    if cfg.filter.active:  # the easiest rows of the micro-batch weigh cfg.filter.weight
+        label_log_prob, top1 = judgement
+        scores = losses.row_scores(cfg.filter.score, teacher_label_log_prob=label_log_prob, teacher_top1=top1,
+                                   student_logits=out.logits, labels=labels, mask=mask)
+        row_weights, filter_stats = losses.row_weights(scores, mask, cfg.filter)
+        token_weights = mask * row_weights[:, None]
+        metrics.update(filter_stats)
+    main = losses.token_mean(per_token, token_weights)
+    balance, z = _router_terms(out.router_logits, out.expert_indices, token_weights > 0, plan.num_experts)
     total = main + cfg.load_balance_weight * balance + cfg.router_z_weight * z
-    metrics = {"loss": main, "load_balance": balance, "z_loss": z}
+    metrics.update(loss=main, load_balance=balance, z_loss=z)
     if plan.router_kd:
-        token_mask = jnp.broadcast_to(mask.reshape(-1), out.router_logits.shape[:2])
+        token_mask = jnp.broadcast_to((token_weights > 0).reshape(-1), out.router_logits.shape[:2])
         router_kd = jnp.sum(jax.vmap(losses.token_mean)(
             losses.router_distillation(out.router_logits, target_router, mask=token_mask), token_mask))
         total = total + cfg.router_kd_weight * router_kd
@@ -261,11 +277,13 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         target_logits = jax.lax.stop_gradient(target_logits)
         target_router = jax.lax.stop_gradient(target_router)
 
+        filtering = any(sp.loss.filter.active for sp in students)
+        judgement = _teacher_judgement(target_logits, mb) if filtering else None
         new_student_grads, student_metrics, student_logits = [], [], []
         for sp, s_state, acc in zip(students, state.students, student_grads):
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
             (_, (metrics, load, logits)), grads = grad_fn(
-                s_state.params, sp, mb, target_logits, target_router, student_step)
+                s_state.params, sp, mb, target_logits, target_router, student_step, judgement)
             new_student_grads.append(jax.tree.map(lambda a, g: a + weight * g, acc, grads))
             student_metrics.append((metrics, load))
             student_logits.append(logits)

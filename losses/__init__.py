@@ -1,4 +1,5 @@
-"""Distillation losses: cross-entropy, the KD family, dynamic soft/hard weighting, MoE auxiliaries.
+"""Distillation losses: cross-entropy, the KD family, dynamic soft/hard weighting, difficulty
+filtering, MoE auxiliaries.
 
 Pure JAX functions, no model code, no state. Every loss returns per-token values (shape `[...]`
 for logits `[..., vocab]`), computed in float32, 0 on masked tokens; reduce them with
@@ -13,16 +14,19 @@ from losses._dkd import dkd
 from losses._moe import load_balancing_loss, router_distillation, router_z_loss
 from losses._reduce import masked_quantiles, sequence_mean, token_mean
 from losses._vocab import PADDING_TOLERANCE, SparseTeacher, resolve_columns, top_k_teacher
+from losses.filtering import SCORES, FilterConfig, row_scores, row_weights
 from losses.weighting import (DIFFICULTIES, GRANULARITIES, SCHEDULES, WeightingConfig, alpha_stats, compute_alpha,
                               schedule_alpha, token_stats)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DIFFICULTIES",
+    "FilterConfig",
     "GRANULARITIES",
     "KD_LOSSES",
     "PADDING_TOLERANCE",
     "SCHEDULES",
+    "SCORES",
     "SparseTeacher",
     "WeightingConfig",
     "alpha_stats",
@@ -36,6 +40,8 @@ __all__ = [
     "masked_quantiles",
     "resolve_columns",
     "reverse_kl",
+    "row_scores",
+    "row_weights",
     "router_distillation",
     "router_z_loss",
     "schedule_alpha",

@@ -120,3 +120,31 @@ def test_eval_metrics_are_bits_per_byte():
     np.testing.assert_allclose(metrics["eval/teacher/bpb"], sums["teacher/nats"] / sums["tokens"] / np.log(2))
     assert 0 <= metrics["eval/student/control/top1_agreement"] <= 1
     assert metrics["eval/student/distilled/kl"] >= 0
+
+
+def test_difficulty_filter_trains_the_student_on_the_hardest_rows_only():
+    """drop_fraction 0.5, weight 0 by teacher loss equals no filter on a batch whose easiest half of
+    rows (by the teacher's float64 cross-entropy, computed here) is masked out."""
+    filtered = {"students.0.loss": "{weighting: {alpha: 0.5}, filter: {score: teacher_loss, drop_fraction: 0.5}}",
+                "optim.warmup_steps": 0, "teacher.warmup_steps": 0}
+    _, models, plan, state, batch = setup(**filtered)
+    out = models.teacher(batch["tokens"][0], positions=batch["positions"][0], segment_ids=batch["segment_ids"][0])
+    logits = np.asarray(out.logits, np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = log_z - np.take_along_axis(logits, np.asarray(batch["labels"][0])[..., None], -1)[..., 0]
+    mask = np.asarray(batch["mask"][0]) > 0
+    row_ce = (ce * mask).sum(-1) / mask.sum(-1)
+    hardest = np.argsort(row_ce)[len(row_ce) // 2:]
+    new_state, metrics = step(plan, state, batch)
+    assert float(metrics["student/distilled/filter_kept"]) == pytest.approx(
+        mask[hardest].sum() / mask.sum(), rel=1e-6)
+    assert float(metrics["student/distilled/filter_threshold"]) == pytest.approx(np.sort(row_ce)[1], rel=1e-4)
+
+    _, _, plain_plan, plain_state, _ = setup(**{**filtered, "students.0.loss": "{weighting: {alpha: 0.5}}"})
+    kept = np.zeros_like(mask)
+    kept[hardest] = mask[hardest]
+    masked = {**batch, "mask": jnp.asarray(kept[None].astype(np.float32))}
+    plain_state, plain = step(plain_plan, plain_state, masked)
+    np.testing.assert_allclose(metrics["student/distilled/loss"], plain["student/distilled/loss"], rtol=1e-5)
+    for a, b in zip(leaves(new_state.students[0].params), leaves(plain_state.students[0].params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
