@@ -167,7 +167,7 @@ def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target
         per_token, stats = losses.distillation_loss(
             out.logits, target_logits, labels, step=student_step, weighting=cfg.weighting, kd=cfg.kd,
             kd_kwargs=cfg.kd_kwargs, temperature=cfg.temperature, mask=mask, label_smoothing=cfg.label_smoothing)
-    metrics = {}
+    metrics, scores = {}, None
     token_weights = mask
     if cfg.filter.active:  # the easiest rows of the micro-batch weigh cfg.filter.weight
         label_log_prob, top1 = judgement
@@ -197,7 +197,7 @@ def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target
     metrics["accuracy"] = _accuracy(out.logits, labels, batch["mask"])
     metrics["router_entropy"] = _router_entropy(out)
     metrics["dropped_fraction"] = jnp.mean(out.dropped_fraction) if out.dropped_fraction.size else jnp.zeros(())
-    return total, (metrics, _expert_load(out), jax.lax.stop_gradient(out.logits))
+    return total, (metrics, _expert_load(out), jax.lax.stop_gradient(out.logits), scores)
 
 
 def _teacher_loss(outputs, batch: Batch, cfg: TeacherConfig, num_experts: int, student_logits):
@@ -279,14 +279,15 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
 
         filtering = any(sp.loss.filter.active for sp in students)
         judgement = _teacher_judgement(target_logits, mb) if filtering else None
-        new_student_grads, student_metrics, student_logits = [], [], []
+        new_student_grads, student_metrics, student_logits, row_scores = [], [], [], []
         for sp, s_state, acc in zip(students, state.students, student_grads):
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
-            (_, (metrics, load, logits)), grads = grad_fn(
+            (_, (metrics, load, logits, scores)), grads = grad_fn(
                 s_state.params, sp, mb, target_logits, target_router, student_step, judgement)
             new_student_grads.append(jax.tree.map(lambda a, g: a + weight * g, acc, grads))
             student_metrics.append((metrics, load))
             student_logits.append(logits)
+            row_scores.append(scores)
 
         mask = mb["mask"] > 0
         if plan.teacher_graph is None:  # the cache holds the label's log-probability: the CE is exact
@@ -306,14 +307,16 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         elif t_logits is not None:
             t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mask), mask)
         weigh = lambda tree: jax.tree.map(lambda x: weight * x, tree)  # noqa: E731
-        return (teacher_grads, tuple(new_student_grads)), weigh((t_metrics, teacher_load, tuple(student_metrics)))
+        return ((teacher_grads, tuple(new_student_grads)),
+                (weigh((t_metrics, teacher_load, tuple(student_metrics))), tuple(row_scores)))
 
     zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
     init = (zeros(state.teacher.params) if teacher_trains else None,
             tuple(zeros(s.params) for s in state.students[:len(students)]))
     tokens = jnp.sum(batch["mask"], axis=tuple(range(1, batch["mask"].ndim)))
     weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
-    (teacher_grads, student_grads), (t_metrics, t_load, s_metrics) = jax.lax.scan(micro, init, (batch, weights))
+    (teacher_grads, student_grads), ((t_metrics, t_load, s_metrics), s_row_scores) = jax.lax.scan(
+        micro, init, (batch, weights))
     if plan.debug_nonfinite_step is not None:
         poison = jnp.where(state.step + 1 == plan.debug_nonfinite_step, jnp.nan, 1.0)
         teacher_grads, student_grads = jax.tree.map(lambda g: g * poison, (teacher_grads, student_grads))
@@ -337,6 +340,8 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         scalars, load = s_metrics[i]
         metrics.update({prefix + k: v for k, v in _sum_over_micro(scalars).items()})
         metrics[prefix + "expert_load"] = jnp.sum(load, axis=0)
+        if s_row_scores[i] is not None:  # [grad_accum, rows]: the trainer logs the easiest and hardest rows
+            metrics[prefix + "filter_row_scores"] = s_row_scores[i]
         metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
         params, opt_state, updated[1 + i] = _apply(sp.tx, state.students[i].params, state.students[i].opt_state, grads)
         new_students[i] = ModelState(params=params, opt_state=opt_state)

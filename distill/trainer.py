@@ -348,6 +348,20 @@ def _micro_batches(batch: dict, accum: int) -> dict:
     return {k: v.reshape(accum, v.shape[0] // accum, *v.shape[1:]) for k, v in batch.items()}
 
 
+def _log_filtered_rows(logger: RunLogger, step: int, tag: str, scores: np.ndarray, tokens: np.ndarray,
+                       tokenizer, chars: int = 600) -> None:
+    """What a student's difficulty filter did to this step's rows (this process's): a histogram of
+    the row scores, and the text of the easiest row (filtered) and the hardest (kept)."""
+    logger.log_histogram(step, tag, scores)
+    flat_scores, flat_tokens = scores.reshape(-1), tokens.reshape(-1, tokens.shape[-1])
+    shown = []
+    for label, row in (("easiest row (among the dropped or down-weighted)", int(np.argmin(flat_scores))),
+                       ("hardest row (kept)", int(np.argmax(flat_scores)))):
+        text = tokenizer.decode(flat_tokens[row])[:chars].replace("`", "'")
+        shown.append(f"**{label}**, score {flat_scores[row]:.3f}:\n\n```\n{text}\n```")
+    logger.log_text(step, tag.replace("filter_row_scores", "filter_examples"), "\n\n".join(shown))
+
+
 def _scalars(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     host = jax.device_get(metrics)
     scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
@@ -467,8 +481,8 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     try:
         with StopSignals() as signals:
             for step in range(start, steps):
-                batch = with_teacher("train", step, next(iterator), shard)
-                batch = global_batch(_micro_batches(batch, accum), micro_sharding, micro_shape)
+                host_batch = _micro_batches(with_teacher("train", step, next(iterator), shard), accum)
+                batch = global_batch(host_batch, micro_sharding, micro_shape)
                 step_fn = teacher_step if step < warmup else full_step
                 state, metrics = step_fn(state, batch)
                 window_steps += 1
@@ -491,6 +505,9 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
                     scalars["perf/tokens_per_second"] = window_steps * tokens_per_step / max(elapsed, 1e-9)
                     scalars["perf/step_seconds"] = elapsed / window_steps
                     window_start, window_steps = time.time(), 0
+                    for tag in [t for t in arrays if t.endswith("/filter_row_scores")]:
+                        _log_filtered_rows(logger, done, tag, arrays.pop(tag)[:, rows], host_batch["tokens"],
+                                           data.tokenizer)
                     for tag, values in arrays.items():
                         for layer, load in enumerate(values if values.ndim == 2 else [values]):
                             logger.log_histogram(done, f"{tag}/layer{layer}", load)

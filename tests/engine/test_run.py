@@ -15,6 +15,7 @@ from flax import nnx
 
 import distill
 from distill import cli as distill_cli
+from distill.data import build_data
 from distill.logging import read_metrics_jsonl, read_scalars
 from distill.model import ConfigError
 from distill.runs import checkpoint_tree, load_models
@@ -179,3 +180,31 @@ def test_eval_export_and_import_hf_commands(tmp_path, capsys):
                     leaves(restore_raw(tmp_path / "imported")["teacher"]["params"]), strict=True):
         np.testing.assert_array_equal(a, b)
     assert reference.cfg.hidden_size == 16
+
+
+def test_a_filtering_student_logs_what_it_dropped(tmp_path):
+    """Per log step: kept share and scores as scalars, the row scores as a histogram, and the
+    text of the easiest and hardest rows (which must be rows of that step's batch)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(tmp_path / "run", **{"students.0.loss": "{filter: {score: teacher_loss, drop_fraction: 0.5}}"})
+    distill.run(cfg)
+    rows = [line for line in read_metrics_jsonl(tmp_path / "run") if "student/distilled/filter_kept" in line]
+    assert [line["step"] for line in rows] == [4, 6, 8, 10]  # the students' steps
+    assert all(line["student/distilled/filter_kept"] == 0.5 for line in rows)  # full rows: half the tokens
+    assert all(line["student/distilled/filter_score_dropped"] <= line["student/distilled/filter_threshold"]
+               <= line["student/distilled/filter_score_kept"] for line in rows)
+    assert not any("student/control/filter" in key for line in rows for key in line)
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0, "histograms": 0})
+    events.Reload()
+    assert "student/distilled/filter_row_scores" in events.Tags()["histograms"]
+    texts = events.Tensors("student/distilled/filter_examples")
+    assert [t.step for t in texts] == [4, 6, 8, 10]
+    shown = texts[-1].tensor_proto.string_val[0].decode()
+    assert "**easiest row" in shown and "**hardest row (kept)**" in shown
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    iterator = data.train_iterator()
+    last = [next(iterator) for _ in range(10)][-1]
+    decoded = {data.tokenizer.decode(row).replace("`", "'")[:600] for row in last["tokens"]}
+    for block in shown.split("```")[1::2]:
+        assert block.strip("\n") in decoded
