@@ -58,6 +58,8 @@ class OptimConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float | None = 1.0  # global gradient norm clip; null turns it off
+    metap_base: dict | None = None  # MetaP: ModelConfig fields of the base model the learning rate was tuned
+    # on (e.g. {hidden_size: 64}); per-parameter init and learning-rate multipliers by width and depth
 
     def __post_init__(self):
         if self.learning_rate <= 0:

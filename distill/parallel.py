@@ -60,7 +60,8 @@ def single_device_mesh(device=None) -> Mesh:
     return Mesh(np.asarray([device or jax.devices()[0]]).reshape(1, 1, 1, 1), AXES)
 
 
-def _keystr(path) -> str:
+def param_path(path) -> str:
+    """A parameter's tree path as "a/b/c" (the leaf's `value` left out)."""
     keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
     return "/".join(str(k) for k in keys if k != "value")
 
@@ -84,7 +85,7 @@ def param_shardings(params, rules: Rules, mesh: Mesh, role: str):
             if value.shape[dim] % split:
                 shown = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
                 raise ConfigError(
-                    f"{role}: parameter {_keystr(path)} {tuple(value.shape)}: its {name} dimension "
+                    f"{role}: parameter {param_path(path)} {tuple(value.shape)}: its {name} dimension "
                     f"({value.shape[dim]}) does not split over mesh {shown}; choose mesh sizes that divide "
                     f"{value.shape[dim]}, or map {name} to null in {role}.sharding")
         return NamedSharding(mesh, spec)

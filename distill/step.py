@@ -74,8 +74,10 @@ class StepPlan:
     debug_nonfinite_step: int | None = None  # testing hook: every gradient is NaN at this step
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW + warm-up/decay schedule + global-norm clipping; no weight decay on 1-D params (norms)."""
+def make_optimizer(cfg: OptimConfig, total_steps: int,
+                   per_parameter: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
+    """AdamW + warm-up/decay schedule + global-norm clipping; no weight decay on 1-D params (norms).
+    `per_parameter` (MetaP's learning-rate multipliers) scales the final updates."""
     peak, warmup = cfg.learning_rate, min(cfg.warmup_steps, max(total_steps - 1, 0))
     end = peak * cfg.min_lr_ratio
     if cfg.schedule == "cosine":
@@ -90,11 +92,12 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     adamw = optax.inject_hyperparams(optax.adamw)(
         learning_rate=schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     parts = ([optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []) + [adamw]
-    return optax.chain(*parts)
+    return optax.chain(*parts, *([per_parameter] if per_parameter else []))
 
 
 def current_lr(opt_state) -> jax.Array:
-    return opt_state[-1].hyperparams["learning_rate"]
+    """The schedule's learning rate now (before any per-parameter multiplier)."""
+    return next(s for s in opt_state if hasattr(s, "hyperparams")).hyperparams["learning_rate"]
 
 
 def forward(graph, params, batch: Batch, sharding: ShardingContext | None = None) -> ModelOutput:

@@ -21,6 +21,7 @@ from distill.data import build_data
 from distill.data.packing import BATCH_KEYS
 from distill.guards import RunLock, StopSignals
 from distill.logging import RunLogger
+from distill.metap import base_config, scale_init, scale_learning_rates
 from distill.model import ConfigError, build_model
 from distill.model.sharding import ShardingContext
 from distill.parallel import (batch_sharding, check_batch_divides, global_batch, initialize_distributed, make_mesh,
@@ -48,6 +49,9 @@ def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
         return Models(None if cached else shape_of(cfg.teacher_model()),
                       [shape_of(cfg.student_model(i)) for i in range(len(cfg.students))])
     teacher = None if cached else load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
+    teacher_base = _metap_base(cfg.teacher_model(), cfg.teacher.optim or cfg.optim, "teacher.optim.metap_base")
+    if teacher_base and cfg.teacher.source == "scratch":
+        scale_init(teacher, teacher_base)
     students = []
     for i, s in enumerate(cfg.students):
         # One seed for every student: students of the same architecture start from the same
@@ -55,8 +59,20 @@ def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
         model = build_model(cfg.student_model(i), seed=seed + 1)
         if s.init == "teacher":
             init_from_teacher(model, teacher, layers=s.init_layers, experts=s.init_experts)
+        elif base := _metap_base(model.cfg, cfg.student_optim(i), f"students[{i}].optim.metap_base"):
+            scale_init(model, base)
         students.append(model)
     return Models(teacher, students)
+
+
+def _metap_base(model_cfg, optim, where: str):
+    return base_config(model_cfg, optim.metap_base, where)
+
+
+def _optimizer(optim, model_cfg, steps: int, where: str):
+    """The model's optimizer, with MetaP's per-parameter learning rates when `optim.metap_base` is set."""
+    base = _metap_base(model_cfg, optim, where)
+    return make_optimizer(optim, steps, scale_learning_rates(model_cfg, base) if base else None)
 
 
 def abstract_state(plan: StepPlan, models: Models) -> TrainState:
@@ -71,7 +87,8 @@ def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
     steps = cfg.train.steps
     student_steps = steps - cfg.teacher_warmup()
     t_graph = None if models.teacher is None else nnx.split(models.teacher)[0]
-    teacher_tx = make_optimizer(cfg.teacher.optim or cfg.optim, steps) if cfg.teacher.trains else None
+    teacher_tx = _optimizer(cfg.teacher.optim or cfg.optim, cfg.teacher_model(), steps,
+                            "teacher.optim.metap_base") if cfg.teacher.trains else None
     t_cfg = cfg.teacher_model()
     plans = []
     for i, (s, model) in enumerate(zip(cfg.students, models.students)):
@@ -85,7 +102,8 @@ def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
                           or model.cfg.num_local_experts != t_cfg.num_local_experts):
             raise ConfigError(f"students[{i}].loss.router_kd_weight={loss.router_kd_weight}: router distillation "
                               "needs the teacher's number of MoE layers and experts; set it to 0")
-        plans.append(StudentPlan(name=s.name, graph=graph, tx=make_optimizer(cfg.student_optim(i), student_steps),
+        plans.append(StudentPlan(name=s.name, graph=graph, tx=_optimizer(cfg.student_optim(i), model.cfg, student_steps,
+                                                                      f"students[{i}].optim.metap_base"),
                                  loss=loss, control=s.control, num_experts=model.cfg.num_local_experts,
                                  router_kd=router_kd, sharding=ShardingContext(mesh, cfg.student_rules(i))))
     return StepPlan(teacher_graph=t_graph, teacher_tx=teacher_tx, teacher=cfg.teacher,
