@@ -1,0 +1,136 @@
+"""docs/results.md, MetaP: does the best learning rate stay put as the student gets wider?
+
+    python experiments/results/metap.py [--widths 1 2 4] [--lrs ...] [--steps 300] [--seeds 0]
+                                        [--plot docs/figures/metap.png]
+
+For each width multiplier m (hidden size 64 m, heads and MLP widths scaled with it, the
+cpu-student layer plan: 4 layers, 4 routed experts + a shared one) and each peak learning rate, a
+student trains alone on the built-in corpus (cross-entropy, AdamW with warm-up and cosine decay,
+the run's defaults) for `--steps` steps, twice: with the standard parametrisation (every weight
+initialised with std 0.02, one learning rate) and with MetaP against the m = 1 model
+(`optim.metap_base`, distill/metap.py). Prints the validation loss per (width, learning rate) and
+the best learning rate per width; `--plot` draws both panels. The learning rate enters the
+compiled step as an argument, so each (width, parametrisation) compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from distill.config import OptimConfig
+from distill.data import DataConfig, build_data
+from distill.metap import scale_init, scale_learning_rates
+from distill.model import build_model
+from distill.step import make_optimizer
+from student.presets import STUDENT_PRESETS
+
+BASE = dataclasses.replace(STUDENT_PRESETS["cpu-student"], hidden_size=64, intermediate_size=64,
+                           intermediate_size_mlp=128, num_attention_heads=2, num_key_value_heads=1)
+
+
+def widen(m: int):
+    return dataclasses.replace(BASE, hidden_size=64 * m, intermediate_size=64 * m, intermediate_size_mlp=128 * m,
+                               num_attention_heads=2 * m, num_key_value_heads=m)
+
+
+def cross_entropy(graph, params, batch):
+    logits = nnx.merge(graph, params)(batch["tokens"], positions=batch["positions"],
+                                      segment_ids=batch["segment_ids"]).logits
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["labels"][..., None], -1)[..., 0]
+    mask = batch["mask"]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def train(cfg, metap: bool, lrs: list[float], steps: int, seed: int, data, validation) -> list[float]:
+    """Validation loss after `steps` at each peak learning rate (one compile for all of them)."""
+    model = build_model(cfg, seed=seed)
+    if metap:
+        scale_init(model, BASE)
+    graph, initial = nnx.split(model, nnx.Param)
+    # the peak is 1 inside the optimizer; the step multiplies the updates by the learning rate
+    tx = make_optimizer(OptimConfig(learning_rate=1.0, warmup_steps=steps // 10), steps,
+                        scale_learning_rates(cfg, BASE) if metap else None)
+
+    @jax.jit
+    def step(params, opt_state, batch, lr):
+        loss, grads = jax.value_and_grad(cross_entropy, argnums=1)(graph, params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates)), opt_state, loss
+
+    evaluate = jax.jit(lambda params, batch: cross_entropy(graph, params, batch))
+    results = []
+    for lr in lrs:
+        params, opt_state = initial, tx.init(initial)
+        iterator = data.train_iterator()
+        for _ in range(steps):
+            params, opt_state, loss = step(params, opt_state, next(iterator), jnp.float32(lr))
+        value = statistics.mean(float(evaluate(params, b)) for b in validation)
+        results.append(value if np.isfinite(value) else float("nan"))
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--eval-batches", type=int, default=8)
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
+    args = parser.parse_args()
+    data = build_data(DataConfig(source="stdlib", seq_len=128, batch_size=16, max_bytes=8_000_000), seed=0)
+    validation = data.validation_batches(args.eval_batches)
+    losses: dict[tuple[str, int], list[float]] = {}
+    for name, metap in (("standard", False), ("metap", True)):
+        for m in args.widths:
+            started = time.time()
+            per_seed = [train(widen(m), metap, args.lrs, args.steps, seed, data, validation) for seed in args.seeds]
+            losses[name, m] = [statistics.mean(v) for v in zip(*per_seed)]
+            print(f"{name} width x{m} (hidden {64 * m}): {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    print(f"\nValidation loss (nats/byte) after {args.steps} steps, mean of seeds {args.seeds}:\n")
+    print("| parametrisation | width | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | best lr |")
+    print("|---|---|" + "---|" * (len(args.lrs) + 1))
+    for (name, m), values in losses.items():
+        best = args.lrs[int(np.nanargmin(values))]
+        print(f"| {name} | x{m} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {best:g} |")
+    if args.plot:
+        print(f"\nplot: {plot(args, losses)}")
+    return 0
+
+
+def plot(args, losses) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, panels = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, name in zip(panels, ("standard", "metap")):
+        for m in args.widths:
+            values = losses[name, m]
+            line, = axis.plot(args.lrs, values, marker="o", label=f"hidden {64 * m}")
+            best = int(np.nanargmin(values))
+            axis.plot([args.lrs[best]], [values[best]], "*", markersize=14, color=line.get_color())
+        axis.set(xscale="log", xlabel="peak learning rate", title=f"{name} parametrisation")
+        axis.legend(fontsize=8)
+    panels[0].set_ylabel(f"validation loss after {args.steps} steps (nats/byte)")
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=120)
+    plt.close(fig)
+    return args.plot
+
+
+if __name__ == "__main__":
+    sys.exit(main())
