@@ -176,8 +176,8 @@ def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target
         label_log_prob, top1 = judgement
         scores = losses.row_scores(cfg.filter.score, teacher_label_log_prob=label_log_prob, teacher_top1=top1,
                                    student_logits=out.logits, labels=labels, mask=mask)
-        row_weights, filter_stats = losses.row_weights(scores, mask, cfg.filter)
-        token_weights = mask * row_weights[:, None]
+        kept, filter_stats = losses.row_weights(scores, mask, cfg.filter)
+        token_weights = mask * kept[:, None]
         metrics.update(filter_stats)
     main = losses.token_mean(per_token, token_weights)
     balance, z = _router_terms(out.router_logits, out.expert_indices, token_weights > 0, plan.num_experts)

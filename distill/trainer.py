@@ -49,7 +49,8 @@ def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
         return Models(None if cached else shape_of(cfg.teacher_model()),
                       [shape_of(cfg.student_model(i)) for i in range(len(cfg.students))])
     teacher = None if cached else load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
-    teacher_base = _metap_base(cfg.teacher_model(), cfg.teacher.optim or cfg.optim, "teacher.optim.metap_base")
+    teacher_base = base_config(cfg.teacher_model(), (cfg.teacher.optim or cfg.optim).metap_base,
+                               "teacher.optim.metap_base")
     if teacher_base and cfg.teacher.source == "scratch":
         scale_init(teacher, teacher_base)
     students = []
@@ -59,19 +60,15 @@ def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
         model = build_model(cfg.student_model(i), seed=seed + 1)
         if s.init == "teacher":
             init_from_teacher(model, teacher, layers=s.init_layers, experts=s.init_experts)
-        elif base := _metap_base(model.cfg, cfg.student_optim(i), f"students[{i}].optim.metap_base"):
+        elif base := base_config(model.cfg, cfg.student_optim(i).metap_base, f"students[{i}].optim.metap_base"):
             scale_init(model, base)
         students.append(model)
     return Models(teacher, students)
 
 
-def _metap_base(model_cfg, optim, where: str):
-    return base_config(model_cfg, optim.metap_base, where)
-
-
 def _optimizer(optim, model_cfg, steps: int, where: str):
     """The model's optimizer, with MetaP's per-parameter learning rates when `optim.metap_base` is set."""
-    base = _metap_base(model_cfg, optim, where)
+    base = base_config(model_cfg, optim.metap_base, where)
     return make_optimizer(optim, steps, scale_learning_rates(model_cfg, base) if base else None)
 
 
@@ -413,8 +410,9 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
         if data.vocab_size > model_cfg.vocab_size:
             raise ConfigError(f"{role}.model.vocab_size={model_cfg.vocab_size}: the tokenizer has "
                               f"{data.vocab_size} tokens; the model needs at least as many")
-    if cfg.teacher.source == "cache":
-        TeacherCache(cfg.teacher.path).check_run(cfg)
+    cache = TeacherCache(cfg.teacher.path) if cfg.teacher.source == "cache" else None
+    if cache:
+        cache.check_run(cfg)
     plan = _plan(cfg, abstract_models, mesh)
     shapes = abstract_state(plan, abstract_models)
     state_sharding = state_shardings(plan, shapes)
@@ -429,14 +427,15 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
         teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
         eval_sharding = batch_sharding(mesh, rules)
         evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
-        return _loop(cfg, run_dir, existing, state, data, plan, (full_step, teacher_step, evaluate),
+        return _loop(cfg, run_dir, existing, state, (data, cache), plan, (full_step, teacher_step, evaluate),
                      (micro_sharding, micro_shape, rows, eval_sharding), stop_after, started)
     finally:
         if lock:
             lock.release()
 
 
-def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_after, started) -> dict:
+def _loop(cfg, run_dir, existing, state, sources, plan, compiled, placement, stop_after, started) -> dict:
+    data, cache = sources  # the batches, and a cached teacher's entries for them (or None)
     full_step, teacher_step, evaluate = compiled
     micro_sharding, micro_shape, rows, eval_sharding = placement
     accum, warmup = cfg.train.grad_accum, cfg.teacher_warmup()
@@ -444,7 +443,6 @@ def _loop(cfg, run_dir, existing, state, data, plan, compiled, placement, stop_a
     per_process = rows.stop - rows.start
     shard = (rows.start // per_process, micro_shape[1] // per_process)
     iterator = data.train_iterator(*shard)
-    cache = TeacherCache(cfg.teacher.path) if cfg.teacher.source == "cache" else None
 
     def with_teacher(split: str, index: int, batch: dict, shard: tuple[int, int]) -> dict:
         """The batch, with a cached teacher's entries for it."""
