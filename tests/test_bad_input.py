@@ -151,6 +151,19 @@ CASES = {
     "sweep-missing-key": Case("sweep axis on a key that does not exist (`train.stesp`)",
                               lambda work: ["sweep", str(work / "sweep.yaml"), "--dir", str(work / "out")],
                               ("train.stesp", "unknown key", "Did you mean 'steps'?"), setup=a_sweep_on_a_missing_key),
+    "cache-missing": Case("`teacher.source=cache` pointing at a folder without a cache",
+                          run_cmd("teacher.source=cache", "teacher.path={work}", "teacher.warmup_steps=0"),
+                          ("teacher.path=", "no meta.json", "`distill cache`")),
+    "cache-untrained-teacher": Case("`distill cache` of a config whose teacher is untrained (source scratch)",
+                                    lambda work: ["cache", str(TINY), "--k", "8", "--out", str(work / "cache")],
+                                    ("teacher.source='scratch'", "teacher.source to run or hf")),
+    "cache-k": Case("`distill cache --k 0`", lambda work: ["cache", str(TINY), "teacher.source=hf",
+                                                           f"teacher.path={work / 'hf'}", "--k", "0", "--out",
+                                                           str(work / "cache")],
+                    ("--k 0", "must be in [1, 256]"), setup=hf_model_dir),
+    "metap-base-key": Case("MetaP base with an unknown model field (`students.0.optim.metap_base={hidden: 8}`)",
+                           run_cmd("students.0.optim={{metap_base: {{hidden: 8}}}}"),
+                           ("students[0].optim.metap_base.hidden", "Did you mean 'hidden_size'?")),
 }
 
 
