@@ -1,9 +1,9 @@
 """docs/results.md, MetaP: does the best learning rate stay put as the student gets wider?
 
-    python experiments/results/metap.py [--widths 1 2 4] [--lrs ...] [--steps 300] [--seeds 0]
-                                        [--plot docs/figures/metap.png]
+    python experiments/results/metap.py [--widths 1 2 4] [--base-width 64] [--lrs ...] [--steps 300]
+        [--seq-len 128] [--batch-size 16] [--seeds 0] [--plot docs/figures/metap.png]
 
-For each width multiplier m (hidden size 64 m, heads and MLP widths scaled with it, the
+For each width multiplier m (hidden size base-width x m, heads and MLP widths scaled with it, the
 cpu-student layer plan: 4 layers, 4 routed experts + a shared one) and each peak learning rate, a
 student trains alone on the built-in corpus (cross-entropy, AdamW with warm-up and cosine decay,
 the run's defaults) for `--steps` steps, twice: with the standard parametrisation (every weight
@@ -35,13 +35,12 @@ from distill.model import build_model
 from distill.step import make_optimizer
 from student.presets import STUDENT_PRESETS
 
-BASE = dataclasses.replace(STUDENT_PRESETS["cpu-student"], hidden_size=64, intermediate_size=64,
-                           intermediate_size_mlp=128, num_attention_heads=2, num_key_value_heads=1)
-
-
-def widen(m: int):
-    return dataclasses.replace(BASE, hidden_size=64 * m, intermediate_size=64 * m, intermediate_size_mlp=128 * m,
-                               num_attention_heads=2 * m, num_key_value_heads=m)
+def widen(m: int, base_width: int):
+    """The cpu-student layer plan at hidden size base_width * m (32 per attention head)."""
+    width = base_width * m
+    return dataclasses.replace(STUDENT_PRESETS["cpu-student"], hidden_size=width, intermediate_size=width,
+                               intermediate_size_mlp=2 * width, num_attention_heads=width // 32,
+                               num_key_value_heads=max(width // 64, 1))
 
 
 def cross_entropy(graph, params, batch):
@@ -52,15 +51,15 @@ def cross_entropy(graph, params, batch):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def train(cfg, metap: bool, lrs: list[float], steps: int, seed: int, data, validation) -> list[float]:
+def train(cfg, base, metap: bool, lrs: list[float], steps: int, seed: int, data, validation) -> list[float]:
     """Validation loss after `steps` at each peak learning rate (one compile for all of them)."""
     model = build_model(cfg, seed=seed)
     if metap:
-        scale_init(model, BASE)
+        scale_init(model, base)
     graph, initial = nnx.split(model, nnx.Param)
     # the peak is 1 inside the optimizer; the step multiplies the updates by the learning rate
     tx = make_optimizer(OptimConfig(learning_rate=1.0, warmup_steps=steps // 10), steps,
-                        scale_learning_rates(cfg, BASE) if metap else None)
+                        scale_learning_rates(cfg, base) if metap else None)
 
     @jax.jit
     def step(params, opt_state, batch, lr):
@@ -85,19 +84,26 @@ def main() -> int:
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--base-width", type=int, default=64, help="hidden size of the m = 1 model (a multiple of 32)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG")
     args = parser.parse_args()
-    data = build_data(DataConfig(source="stdlib", seq_len=128, batch_size=16, max_bytes=8_000_000), seed=0)
+    data = build_data(DataConfig(source="stdlib", seq_len=args.seq_len, batch_size=args.batch_size,
+                                 max_bytes=8_000_000), seed=0)
+    base = widen(1, args.base_width)
     validation = data.validation_batches(args.eval_batches)
     losses: dict[tuple[str, int], list[float]] = {}
     for name, metap in (("standard", False), ("metap", True)):
         for m in args.widths:
             started = time.time()
-            per_seed = [train(widen(m), metap, args.lrs, args.steps, seed, data, validation) for seed in args.seeds]
+            per_seed = [train(widen(m, args.base_width), base, metap, args.lrs, args.steps, seed, data, validation)
+                        for seed in args.seeds]
             losses[name, m] = [statistics.mean(v) for v in zip(*per_seed)]
-            print(f"{name} width x{m} (hidden {64 * m}): {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+            print(f"{name} width x{m} (hidden {args.base_width * m}): {time.time() - started:.0f} s", file=sys.stderr,
+                  flush=True)
     print(f"\nValidation loss (nats/byte) after {args.steps} steps, mean of seeds {args.seeds}:\n")
     print("| parametrisation | width | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | best lr |")
     print("|---|---|" + "---|" * (len(args.lrs) + 1))
@@ -119,7 +125,7 @@ def plot(args, losses) -> Path:
     for axis, name in zip(panels, ("standard", "metap")):
         for m in args.widths:
             values = losses[name, m]
-            line, = axis.plot(args.lrs, values, marker="o", label=f"hidden {64 * m}")
+            line, = axis.plot(args.lrs, values, marker="o", label=f"hidden {args.base_width * m}")
             best = int(np.nanargmin(values))
             axis.plot([args.lrs[best]], [values[best]], "*", markersize=14, color=line.get_color())
         axis.set(xscale="log", xlabel="peak learning rate", title=f"{name} parametrisation")
