@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from offline import pretrain_steps
-from seeds import mean_curve, relative_change, run_or_read
+from seeds import mean_curve, mean_std, relative_change, run_or_read, save_figure
 
 from distill.config import load_config
 
@@ -109,8 +109,8 @@ def main() -> int:
                                                  f"run.dir={args.out / 'cached' / f'seed-{seed}'}"])
     seeds = args.seeds
     names = [f"k{k}" for k in args.student_k]
-    print(f"\nValidation bits per byte; online = full-vocabulary KD from the frozen teacher, k<k> = from the "
-          f"cache's top k (uniform tail):\n")
+    print("\nValidation bits per byte; online = full-vocabulary KD from the frozen teacher, k<k> = from the "
+          "cache's top k (uniform tail):\n")
     print("| model | " + " | ".join(f"seed {s}" for s in seeds) + " |")
     print("|---|" + "---|" * len(seeds))
     print("| teacher | " + " | ".join(f"{online[s]['bpb']['teacher']:.4f}" for s in seeds) + " |")
@@ -119,10 +119,6 @@ def main() -> int:
         print(f"| cached {name} | " + " | ".join(f"{cached[s]['bpb'][name]:.4f}" for s in seeds) + " |")
     print(f"| {control} (online / cached) | " + " | ".join(
         f"{online[s]['bpb'][control]:.4f} / {cached[s]['bpb'][control]:.4f}" for s in seeds) + " |")
-
-    def mean_std(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):+.2f}% +- {spread:.2f}%"
 
     print("\nDifferences, per seed and mean +- std (negative = lower bits per byte):\n")
     print("| comparison | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |")
@@ -184,10 +180,7 @@ def plot(args, names: list[str], online_student: str, control: str) -> Path:
              title=f"offline logit cache vs online KD, mean of {len(args.seeds)} seeds")
     axis.legend(fontsize=8)
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    plt.close(fig)
-    return args.plot
+    return save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

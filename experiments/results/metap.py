@@ -28,6 +28,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from seeds import save_figure
+
 from distill.config import OptimConfig
 from distill.data import DataConfig, build_data
 from distill.metap import scale_init, scale_learning_rates
@@ -73,7 +75,7 @@ def train(cfg, base, metap: bool, lrs: list[float], steps: int, seed: int, data,
         params, opt_state = initial, tx.init(initial)
         iterator = data.train_iterator()
         for _ in range(steps):
-            params, opt_state, loss = step(params, opt_state, next(iterator), jnp.float32(lr))
+            params, opt_state, _ = step(params, opt_state, next(iterator), jnp.float32(lr))
         value = statistics.mean(float(evaluate(params, b)) for b in validation)
         results.append(value if np.isfinite(value) else float("nan"))
     return results
@@ -132,10 +134,7 @@ def plot(args, losses) -> Path:
         axis.legend(fontsize=8)
     panels[0].set_ylabel(f"validation loss after {args.steps} steps (nats/byte)")
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    plt.close(fig)
-    return args.plot
+    return save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,10 @@ the students, so 3 F S = 3 F P + F (S - W), i.e. P = S - (S - W) / 3. FLOPs come
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
-from seeds import mean_curve, relative_change, run_or_read
+from seeds import mean_curve, mean_std, relative_change, run_or_read, save_figure
 
 from distill.config import load_config
 from distill.trainer import control_for
@@ -93,10 +92,6 @@ def main() -> int:
         print(f"| {model} | " + " | ".join(f"{co[s]['bpb'][model]:.4f} | {off[s]['bpb'][model]:.4f}" for s in seeds)
               + " |")
 
-    def mean_std(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):+.2f}% +- {spread:.2f}%"
-
     print("\nDifferences, per seed and mean +- std (negative = lower bits per byte):\n")
     print("| comparison | " + " | ".join(f"seed {s}" for s in seeds) + " | mean +- std |")
     print("|---|" + "---|" * (len(seeds) + 1))
@@ -151,15 +146,11 @@ def plot(args, cfg, offline_cfg, codistill_dir: Path, pretrain: int, students: l
                 values = [*pre_values, *values]
             style = {"teacher": ":", **{c: "--" for c in controls}}.get(model, "-")
             axis.plot(flops, values, style, marker="o", color=color, label=f"{label}: {model}")
-    if args.plot.parent:
-        args.plot.parent.mkdir(parents=True, exist_ok=True)
     axis.set(xlabel="training FLOPs spent (PFLOP, teacher + students)", ylabel="validation bits per byte",
              title=f"co-distillation vs offline at equal compute, mean of {len(args.seeds)} seeds")
     axis.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    plt.close(fig)
-    return args.plot
+    return save_figure(fig, args.plot)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,27 @@ from distill.trainer import control_for, finished_summary
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """The mean and the sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def mean_std(values: list[float]) -> str:
+    """`+m.mm% +- s.ss%`: mean and spread of relative changes, as the tables print them."""
+    mean, spread = mean_and_spread(values)
+    return f"{mean:+.2f}% +- {spread:.2f}%"
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write `fig` as a PNG at `out` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def relative_change(value: float, reference: float) -> float:
     """(value - reference) / reference in percent: negative = lower bits per byte than reference."""
     return (value - reference) / reference * 100
@@ -90,10 +111,8 @@ def main() -> int:
     for model in students:
         control = pairs[model]
         changes = [relative_change(runs[s]["bpb"][model], runs[s]["bpb"][control]) for s in seeds]
-        spread = statistics.stdev(changes) if len(changes) > 1 else 0.0
-        differences[model] = (statistics.mean(changes), spread)
-        print(f"| {model} | {control} | " + " | ".join(f"{c:+.2f}%" for c in changes)
-              + f" | {statistics.mean(changes):+.2f}% +- {spread:.2f}% |")
+        differences[model] = mean_and_spread(changes)
+        print(f"| {model} | {control} | " + " | ".join(f"{c:+.2f}%" for c in changes) + f" | {mean_std(changes)} |")
     if args.plot:
         run_dirs = [Path(args.out) / f"seed-{s}" for s in seeds]
         print(f"\nplot: {plot(run_dirs, ['teacher', *controls, *students], controls, differences, Path(args.plot))}")
@@ -131,10 +150,7 @@ def plot(run_dirs: list[Path], models: list[str], controls: list[str], differenc
     bars.invert_yaxis()
     bars.set(xlabel="final bpb vs the control, % (mean +- std; negative = better)", title="students vs their control")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 if __name__ == "__main__":
