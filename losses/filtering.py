@@ -83,12 +83,11 @@ def row_weights(scores: jax.Array, mask: jax.Array, config: FilterConfig) -> tup
     rows = scores.shape[-1]
     drop = math.floor(config.drop_fraction * rows)
     tokens = jnp.sum((mask > 0).astype(jnp.float32), axis=-1)
-    ranked = jnp.where(tokens > 0, scores, jnp.inf)
-    dropped = jnp.zeros((rows,), bool).at[jnp.argsort(ranked)[:drop]].set(True) & (tokens > 0)
+    real = tokens > 0
+    dropped = jnp.zeros((rows,), bool).at[jnp.argsort(jnp.where(real, scores, jnp.inf))[:drop]].set(True) & real
     weights = jnp.where(dropped, config.weight, 1.0)
-    real = (tokens > 0).astype(jnp.float32)
     mean_of = lambda select: jnp.sum(jnp.where(select, scores, 0.0)) / jnp.maximum(jnp.sum(select), 1)  # noqa: E731
     stats = {"filter_kept": jnp.sum(weights * tokens) / jnp.maximum(jnp.sum(tokens), 1.0),
              "filter_threshold": jnp.max(jnp.where(dropped, scores, -jnp.inf)) if drop else jnp.zeros(()),
-             "filter_score_dropped": mean_of(dropped), "filter_score_kept": mean_of(~dropped & (real > 0))}
+             "filter_score_dropped": mean_of(dropped), "filter_score_kept": mean_of(~dropped & real)}
     return jax.lax.stop_gradient(weights), jax.lax.stop_gradient(stats)
