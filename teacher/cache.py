@@ -58,15 +58,20 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(partial, path)
 
 
-def _open(directory: Path, split: str, count: int, cfg, k: int, mode: str) -> dict[str, np.memmap]:
+def _create(directory: Path, split: str, count: int, cfg, k: int) -> None:
+    """The split's arrays, zero-filled, at their final shapes."""
     rows, seq = cfg.data.batch_size, cfg.data.seq_len
     shapes = {"indices": ((count, rows, seq, k), index_dtype(cfg.teacher_model().vocab_size)),
               "log_probs": ((count, rows, seq, k), np.float32), "label_log_prob": ((count, rows, seq), np.float32),
               "tail_mass": ((count, rows, seq), np.float32), "tokens": ((count, rows, seq), np.int32),
               "mask": ((count, rows, seq), np.uint8)}
-    return {name: np.lib.format.open_memmap(directory / f"{split}.{name}.npy", mode=mode, dtype=dtype, shape=shape)
-            if mode == "w+" else np.load(directory / f"{split}.{name}.npy", mmap_mode=mode)
-            for name, (shape, dtype) in shapes.items()}
+    for name, (shape, dtype) in shapes.items():
+        np.lib.format.open_memmap(directory / f"{split}.{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+
+
+def _load(directory: Path, split: str, mode: str) -> dict[str, np.memmap]:
+    """The split's arrays as memory maps (`r`: read-only, `r+`: to write into)."""
+    return {name: np.load(directory / f"{split}.{name}.npy", mmap_mode=mode) for name in FIELDS}
 
 
 def _entries_fn(cfg, k: int):
@@ -131,12 +136,11 @@ def write_cache(cfg, out: str | Path, k: int, *, progress: bool = True) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         meta = {**identity, "written": {"train": 0, "eval": 0}, "complete": False, "write_seconds": 0.0}
         for split, count in (("train", cfg.train.steps), ("eval", len(validation))):
-            _open(out, split, count, cfg, k, "w+")
+            _create(out, split, count, cfg, k)
         _write_json(meta_file, meta)
     if meta["complete"]:
         return meta
-    arrays = {split: _open(out, split, count, cfg, k, "r+")
-              for split, count in (("train", cfg.train.steps), ("eval", len(validation)))}
+    arrays = {split: _load(out, split, "r+") for split in ("train", "eval")}
     entries = _entries_fn(cfg, k)
     total = cfg.train.steps + len(validation)
     done = meta["written"]["train"] + meta["written"]["eval"]
@@ -205,8 +209,7 @@ class TeacherCache:
                               f"{self.meta['steps']} steps, {written['eval']} of {self.meta['eval_batches']} "
                               "validation batches); run the same `distill cache` command again to finish it")
         self.k = int(self.meta["k"])
-        self._arrays = {split: {name: np.load(self.path / f"{split}.{name}.npy", mmap_mode="r") for name in FIELDS}
-                        for split in ("train", "eval")}
+        self._arrays = {split: _load(self.path, split, "r") for split in ("train", "eval")}
 
     def check_run(self, cfg) -> None:
         """Refuse a run whose batches are not the cache's: other data section, seed, geometry, or more steps."""
