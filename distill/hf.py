@@ -92,6 +92,9 @@ def config_to_hf(cfg: ModelConfig):
 
     if cfg.router != "llama4":
         raise HFConversionError(f"router={cfg.router!r}: transformers' Llama 4 only has the llama4 router")
+    if cfg.vision is not None:
+        raise HFConversionError("vision: our image encoder is not Llama 4's vision tower, so it has no "
+                                "transformers form; export a text-only model (vision: null)")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from distill.model.config import ModelConfig
 from distill.model.layers import dtype_of, param, rms_normalize
@@ -24,6 +24,24 @@ def attention_mask(positions_bs: jax.Array, segment_ids_bs: jax.Array | None, ch
     return mask[:, None]
 
 
+def cached_attention_mask(positions_bs: jax.Array, cache_length: int, chunk_size: int | None) -> jax.Array:
+    """Boolean `[B, 1, S, T]` for queries at `positions` against a KV cache whose slot t holds
+    position t (generation: one unpacked sequence per row): causal, and within a chunk when set."""
+    slots = jnp.arange(cache_length)
+    mask = slots[None, None, :] <= positions_bs[:, :, None]
+    if chunk_size is not None:
+        mask &= (slots[None, None, :] // chunk_size) == (positions_bs[:, :, None] // chunk_size)
+    return mask[:, None]
+
+
+@struct.dataclass
+class LayerCache:
+    """One attention layer's keys and values, `[B, T, kv_heads, head_dim]`, for incremental decoding."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
 def temperature_scales(positions_bs: jax.Array, floor_scale: int, attn_scale: float) -> jax.Array:
     """`log1p(floor((pos + 1) / floor_scale)) * attn_scale + 1`, float32 `[B, S]`."""
     pos = positions_bs.astype(jnp.float32)
@@ -41,7 +59,10 @@ class Attention(nnx.Module):
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
 
     def __call__(self, x_bsd: jax.Array, positions_bs: jax.Array, rope: tuple[jax.Array, jax.Array],
-                 segment_ids_bs: jax.Array | None) -> jax.Array:
+                 segment_ids_bs: jax.Array | None, cache: LayerCache | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """With a `cache`, this call's keys and values are written at `cache_index` (the number of
+        tokens already decoded) and the queries attend over the whole cache; returns the new cache."""
         cfg, c = self.cfg, dtype_of(self.cfg.dtype)
         x = x_bsd.astype(c)
         q = jnp.einsum("bsd,dhk->bshk", x, self.q[...].astype(c))
@@ -55,9 +76,16 @@ class Attention(nnx.Module):
             scales = temperature_scales(positions_bs, cfg.floor_scale, cfg.attn_scale)
             q = (q.astype(jnp.float32) * scales[:, :, None, None]).astype(c)
         chunk = cfg.attention_chunk_size if self.uses_rope else None
-        mask = attention_mask(positions_bs, segment_ids_bs, chunk)
+        if cache is None:
+            mask = attention_mask(positions_bs, segment_ids_bs, chunk)
+        else:
+            at = (0, cache_index, 0, 0)
+            cache = LayerCache(keys=jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), at),
+                               values=jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), at))
+            k, v = cache.keys, cache.values
+            mask = cached_attention_mask(positions_bs, k.shape[1], chunk)
         out = grouped_attention(q, k, v, mask, cfg.head_dim**-0.5)
-        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(c))
+        return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(c)), cache
 
 
 def grouped_attention(q_bshk, k_bskk, v_bskk, mask_b1qk, scale: float) -> jax.Array:

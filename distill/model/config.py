@@ -47,6 +47,55 @@ class RopeScaling:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The image side of an early-fusion model (`distill.model.vision`): a small non-causal encoder
+    over square patches and a bias-free projector to the text `hidden_size` (transformers'
+    `Llama4MultiModalProjector`). Each image becomes `tokens_per_image` feature vectors, written
+    over that many `image_token_id` placeholders of the token sequence before the first layer."""
+
+    image_size: int = 8  # height and width of a (square) image, in pixels
+    patch_size: int = 2  # height and width of a patch; must divide image_size
+    num_channels: int = 1  # channels of a pixel (1: grey, 3: RGB)
+    hidden_size: int = 64  # width of the encoder
+    intermediate_size: int = 128  # width of the encoder's GELU MLP
+    num_hidden_layers: int = 2  # encoder layers (pre-norm, bidirectional attention)
+    num_attention_heads: int = 4  # must divide hidden_size
+    vision_output_dim: int = 64  # width of the encoder's output, the projector's input
+    image_token_id: int = 255  # the placeholder token (255: a byte no UTF-8 text holds)
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "num_channels", "hidden_size", "intermediate_size",
+                     "num_hidden_layers", "num_attention_heads", "vision_output_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                _fail(f"vision.{name}", value, "must be a positive integer")
+        if self.image_size % self.patch_size:
+            _fail("vision.patch_size", self.patch_size, f"must divide vision.image_size ({self.image_size})")
+        if self.hidden_size % self.num_attention_heads:
+            _fail("vision.num_attention_heads", self.num_attention_heads,
+                  f"must divide vision.hidden_size ({self.hidden_size})")
+        if not isinstance(self.image_token_id, int) or isinstance(self.image_token_id, bool) or self.image_token_id < 0:
+            _fail("vision.image_token_id", self.image_token_id, "must be a token id >= 0")
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Placeholders (and feature vectors) per image: one per patch."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(height, width, channels) of one image."""
+        return (self.image_size, self.image_size, self.num_channels)
+
+    def param_count(self, text_hidden_size: int) -> int:
+        """Parameters of the encoder and the projector."""
+        d, patch = self.hidden_size, self.patch_size**2 * self.num_channels
+        layer = 4 * d * d + 2 * d * self.intermediate_size + 2 * d
+        return (patch * d + self.tokens_per_image * d + self.num_hidden_layers * layer + d
+                + d * self.vision_output_dim + self.vision_output_dim * text_hidden_size)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A Llama-4-style MoE decoder. Defaults describe a small CPU-sized model."""
 
@@ -88,6 +137,9 @@ class ModelConfig:
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None  # None: plain RoPE frequencies
     rms_norm_eps: float = 1e-5
+
+    # --- early fusion
+    vision: VisionConfig | None = None  # image encoder + projector (VisionConfig); None: text only
 
     # --- head
     tie_word_embeddings: bool = False
@@ -147,6 +199,11 @@ class ModelConfig:
             _fail("rms_norm_eps", self.rms_norm_eps, "must be > 0")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.vision, dict):
+            object.__setattr__(self, "vision", VisionConfig(**self.vision))
+        if self.vision is not None and not self.vision.image_token_id < self.vocab_size:
+            _fail("vision.image_token_id", self.vision.image_token_id,
+                  f"must be below vocab_size ({self.vocab_size}); pick an unused id or grow vocab_size")
         object.__setattr__(self, "layer_uses_rope", self._rope_plan())
         object.__setattr__(self, "layer_is_moe", self._moe_plan())
 
@@ -197,7 +254,7 @@ class ModelConfig:
             if not f.init:
                 continue
             value = getattr(self, f.name)
-            if isinstance(value, RopeScaling):
+            if isinstance(value, (RopeScaling, VisionConfig)):
                 value = dataclasses.asdict(value)
             elif isinstance(value, tuple):
                 value = list(value)
@@ -219,6 +276,9 @@ class ModelConfig:
             layer = attn + 2 * d
             total += layer + (moe_total if is_moe else dense)
             active += layer + (moe_active if is_moe else dense)
+        if self.vision is not None:
+            total += self.vision.param_count(d)
+            active += self.vision.param_count(d)
         return {"total": total, "active": active}
 
     def forward_flops_per_token(self, seq_len: int) -> float:

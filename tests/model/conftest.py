@@ -110,6 +110,13 @@ def layer_params(p: dict, cfg: ModelConfig, i: int) -> dict:
     return p["tail"]["layers"][i - groups * period]
 
 
+def scanned_values(unscanned: dict, groups: int) -> dict:
+    """An unscanned model's params laid out as the scanned model's: groups stacked on a leading axis."""
+    out = {k: v for k, v in unscanned.items() if k != "groups"}
+    out["scanned"] = jax.tree.map(lambda *xs: np.stack(xs), *[unscanned["groups"][g] for g in range(groups)])
+    return out
+
+
 @nnx.jit
 def jit_forward(model, tokens_bs, positions=None, segment_ids=None):
     """The model's forward pass under `nnx.jit` (one compile per config and shape)."""
@@ -120,6 +127,7 @@ def jit_forward(model, tokens_bs, positions=None, segment_ids=None):
 def helpers():
     return types.SimpleNamespace(
         pure=pure, load=load, value_and_grads=value_and_grads, layer=layer_params, forward=jit_forward,
+        scanned_values=scanned_values,
         assert_close=assert_close, assert_trees_close=assert_trees_close,
     )  # fmt: skip
 

@@ -215,13 +215,6 @@ def test_every_param_has_logical_axis_names(tiny, scan):
 SCAN = dict(num_hidden_layers=5, interleave_moe_layer_step=2, no_rope_layer_interval=2)  # period 2: 2 groups + tail
 
 
-def _scanned_values(unscanned: dict, groups: int) -> dict:
-    """An unscanned model's params laid out as the scanned model's: groups stacked on a leading axis."""
-    out = {k: v for k, v in unscanned.items() if k != "groups"}
-    out["scanned"] = jax.tree.map(lambda *xs: np.stack(xs), *[unscanned["groups"][g] for g in range(groups)])
-    return out
-
-
 @pytest.fixture(scope="module")
 def scan_runs():
     """Grad runs shared by the scan and remat tests, keyed by (scan_layers, remat)."""
@@ -235,7 +228,7 @@ def _scan_run(tiny, helpers, cache, scan, remat):
         reference = build_model(cfg.replace(scan_layers=False, remat="none"), seed=3)
         values = helpers.pure(reference)
         model = build_model(cfg, seed=4)  # different init: everything it computes comes from the copy
-        helpers.load(model, _scanned_values(values, 2) if scan else values)
+        helpers.load(model, helpers.scanned_values(values, 2) if scan else values)
         tokens = _tokens(cfg, (2, 16), 10)
         w = jnp.asarray(np.random.default_rng(11).normal(size=(2, 16, cfg.vocab_size)), jnp.float32)
         cache[key] = helpers.value_and_grads(model, lambda o: jnp.sum(o.logits * w), tokens)
@@ -254,7 +247,7 @@ def test_scanned_matches_unscanned(tiny, helpers, scan_runs):
     helpers.assert_close(scanned.router_logits, plain.router_logits, TOL, "router logits")
     np.testing.assert_array_equal(scanned.expert_indices, plain.expert_indices)
     np.testing.assert_array_equal(scanned.expert_counts, plain.expert_counts)
-    helpers.assert_trees_close(scanned_grads, _scanned_values(plain_grads, 2), TOL)
+    helpers.assert_trees_close(scanned_grads, helpers.scanned_values(plain_grads, 2), TOL)
 
 
 @pytest.mark.parametrize("scan, remat", [
