@@ -17,6 +17,7 @@ import yaml
 
 from distill.configtools import field_names, from_dict, parse_override, set_dotted, to_dict, unknown_key_error
 from distill.data import DataConfig
+from distill.data.digits import check_image_models
 from distill.model.config import ConfigError, ModelConfig
 from distill.model.presets import lookup
 from distill.model.sharding import DEFAULT_RULES, resolve_rules
@@ -240,6 +241,10 @@ class Config:
             self.student_rules(i)
         if self.data.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum}: must divide data.batch_size "
+        check_image_models(self.data, self.teacher.source, [("teacher", teacher)] + [
+            (f"students[{i}]", self.student_model(i)) for i in range(len(self.students))])
+        for i in range(len(self.students)):
+            self._check_on_policy(i)
                               f"({self.data.batch_size})")
 
     def teacher_model(self) -> ModelConfig:

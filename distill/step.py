@@ -104,7 +104,8 @@ def forward(graph, params, batch: Batch, sharding: ShardingContext | None = None
     """The model's forward, traced under its sharding context (activation hints, expert parallelism)."""
     with use_sharding(sharding):
         model = nnx.merge(graph, params)
-        return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+        return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+                     images=batch.get("images"))  # an image-and-text batch (data.source=digits)
 
 
 def _router_terms(router_logits, expert_indices, mask: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:

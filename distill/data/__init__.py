@@ -5,6 +5,7 @@ from distill.data import DataConfig, build_data
 data = build_data(DataConfig(seq_len=128, batch_size=16, max_bytes=8_000_000), seed=0)
 it = data.train_iterator()              # infinite; it.state() / it.restore(state)
 batch = next(it)                        # tokens, labels, mask, segment_ids, positions: [rows, seq_len]
+                                        # (+ images [rows, 1, 8, 8, 1] for source "digits")
 evals = data.validation_batches(10)
 ```
 See docs/data.md.

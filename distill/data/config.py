@@ -32,6 +32,8 @@ class DataConfig:
     """The `data:` section. See docs/data.md for the sources, the split and the packing."""
 
     # "stdlib" (the Python standard library's own *.py files: on every machine, no download),
+    # "digits" (scikit-learn's 8x8 digit images, each with the caption " this digit is <name>": an
+    # image-and-text task for models with a vision section; see distill/data/digits.py),
     # a text file, a directory of text files (recursive) or a glob of them, a .jsonl file/glob,
     # or a token file (.npy, or raw .bin with `token_dtype`) / a glob of them.
     source: str = "stdlib"
@@ -63,6 +65,10 @@ class DataConfig:
     # Token sources: the id that ends each document (it stays in the stream as the document's
     # last token); None: each token file is one document.
     token_separator: int | None = None
+    # The digits source: the placeholder id written where an image goes (the models'
+    # vision.image_token_id), and how many placeholders per image (their vision.tokens_per_image).
+    image_token_id: int = 255
+    tokens_per_image: int = 16
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source.strip():
@@ -71,6 +77,8 @@ class DataConfig:
             raise fail("kind", self.kind, f"allowed values are {', '.join(KINDS)}")
         if self.source == "stdlib" and self.kind not in ("auto", "text"):
             raise fail("kind", self.kind, 'the "stdlib" source is text; use kind "auto" or "text"')
+        if self.source == "digits" and self.kind != "auto":
+            raise fail("kind", self.kind, 'the "digits" source is images and text; use kind "auto"')
         if not isinstance(self.text_field, str) or not self.text_field:
             raise fail("text_field", self.text_field, "must be a non-empty JSON key")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
@@ -95,3 +103,7 @@ class DataConfig:
             raise fail("vocab_size", self.vocab_size, "must be an integer >= 1, or null for the tokenizer's")
         if self.token_separator is not None and (not _is_int(self.token_separator) or self.token_separator < 0):
             raise fail("token_separator", self.token_separator, "must be a token id >= 0, or null")
+        if not _is_int(self.image_token_id) or self.image_token_id < 0:
+            raise fail("image_token_id", self.image_token_id, "must be a token id >= 0")
+        if not _is_int(self.tokens_per_image) or self.tokens_per_image < 1:
+            raise fail("tokens_per_image", self.tokens_per_image, "must be an integer >= 1")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from distill.data.config import DataError, fail
-from distill.data.packing import Stream, make_batch
+from distill.data.digits import ImageRows
+from distill.data.packing import Stream
 
 _SALT = 0x5EED_DA7A  # keeps the data-order stream apart from other users of the same seed
 
@@ -41,7 +42,7 @@ class TrainIterator:
     epoch are skipped in that epoch only (the next permutation differs).
     """
 
-    def __init__(self, stream: Stream, *, seq_len: int, batch_size: int, seed: int,
+    def __init__(self, stream: Stream | ImageRows, *, seq_len: int, batch_size: int, seed: int,
                  shard_index: int = 0, shard_count: int = 1):
         self._stream = stream
         self._seq_len = seq_len
@@ -73,7 +74,7 @@ class TrainIterator:
         start = self._index * self._batch_size
         window_ids = self._permutation()[start:start + self._batch_size][self._rows]
         self._index += 1
-        return make_batch(self._stream, window_ids, self._seq_len)
+        return self._stream.batch(window_ids, self._seq_len)
 
     @property
     def epoch(self) -> int:

@@ -34,6 +34,12 @@ class Stream:
         """How many full windows of `seq_len + 1` tokens (stride `seq_len`) the stream holds."""
         return max(0, (len(self) - 1) // seq_len)
 
+    def batch(self, window_ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+        return make_batch(self, window_ids, seq_len)
+
+    def padding(self, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+        return padding_rows(rows, seq_len)
+
 
 def stream_dtype(vocab_size: int):
     return np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.int32

@@ -6,8 +6,8 @@ import numpy as np
 
 from distill.data.config import DataConfig, fail
 from distill.data.iterator import TrainIterator, shard_rows
-from distill.data.packing import BATCH_KEYS, Stream, cut, is_validation, make_batch, pack, padding_rows, \
-    split_documents_at, tail_size
+from distill.data.digits import ImageRows, digits_splits
+from distill.data.packing import Stream, cut, is_validation, pack, split_documents_at, tail_size
 from distill.data.sources import Document, read_jsonl, read_text, read_tokens, resolve_kind
 from distill.data.tokenizers import ByteTokenizer, load_tokenizer
 
@@ -15,14 +15,15 @@ from distill.data.tokenizers import ByteTokenizer, load_tokenizer
 class Data:
     """A tokenized, split corpus. Make it with `build_data`.
 
-    Attributes: `config`, `seed`, `tokenizer`, `vocab_size`, `train` / `validation` (`Stream`s),
-    `steps_per_epoch` (global batches per training epoch), `stats` (a JSON-able dict for logging),
-    `documents` (`{"train": [...], "validation": [...]}`: the keys of the documents in each split,
-    relative paths, `path#line` for JSONL; a document cut by a tail split is in both).
+    Attributes: `config`, `seed`, `tokenizer`, `vocab_size`, `train` / `validation` (`Stream`s;
+    `ImageRows` for the digits source), `steps_per_epoch` (global batches per training epoch),
+    `stats` (a JSON-able dict for logging), `documents` (`{"train": [...], "validation": [...]}`:
+    the keys of the documents in each split, relative paths, `path#line` for JSONL; a document cut
+    by a tail split is in both).
     """
 
-    def __init__(self, config: DataConfig, seed: int, tokenizer, vocab_size: int, train: Stream,
-                 validation: Stream, stats: dict, documents: dict[str, list[str]]):
+    def __init__(self, config: DataConfig, seed: int, tokenizer, vocab_size: int, train: Stream | ImageRows,
+                 validation: Stream | ImageRows, stats: dict, documents: dict[str, list[str]]):
         self.config, self.seed, self.tokenizer, self.vocab_size = config, seed, tokenizer, vocab_size
         self.train, self.validation, self.stats, self.documents = train, validation, stats, documents
         self.steps_per_epoch = train.windows(config.seq_len) // config.batch_size
@@ -45,10 +46,10 @@ class Data:
         batches = []
         for b in range(count):
             ids = np.arange(b * batch_size, min((b + 1) * batch_size, windows))
-            batch = make_batch(self.validation, ids, seq_len)
+            batch = self.validation.batch(ids, seq_len)
             if len(ids) < batch_size:
-                pad = padding_rows(batch_size - len(ids), seq_len)
-                batch = {k: np.concatenate([batch[k], pad[k]]) for k in BATCH_KEYS}
+                pad = self.validation.padding(batch_size - len(ids), seq_len)
+                batch = {k: np.concatenate([batch[k], pad[k]]) for k in batch}
             batches.append({k: v[rows] for k, v in batch.items()})
         return batches
 
@@ -148,7 +149,9 @@ def build_data(cfg: DataConfig, *, seed: int) -> Data:
         raise fail("vocab_size", cfg.vocab_size, f"smaller than the tokenizer's vocabulary ({tokenizer.vocab_size}); "
                                                  "leave it null or make it larger")
     kind = resolve_kind(cfg)
-    if kind == "tokens":
+    if kind == "images":
+        train, validation, split, documents, counts = digits_splits(cfg, vocab_size)
+    elif kind == "tokens":
         train, validation, split, documents, counts = _from_tokens(cfg, vocab_size)
     else:
         train, validation, split, documents, counts = _from_documents(cfg, kind, tokenizer, vocab_size)

@@ -41,6 +41,8 @@ def resolve_kind(cfg: DataConfig) -> str:
         return cfg.kind
     if cfg.source == "stdlib":
         return "text"
+    if cfg.source == "digits":
+        return "images"
     suffix = Path(cfg.source).suffix.lower()
     if suffix == ".jsonl":
         return "jsonl"
