@@ -21,6 +21,7 @@ from distill.data.digits import check_image_models
 from distill.model.config import ConfigError, ModelConfig
 from distill.model.presets import lookup
 from distill.model.sharding import DEFAULT_RULES, resolve_rules
+from distill.onpolicy import OnPolicyConfig
 from losses import KD_LOSSES, FilterConfig, WeightingConfig
 from student.presets import STUDENT_PRESETS
 from teacher.sources import teacher_model_config
@@ -88,6 +89,7 @@ class LossConfig:
     teacher_top_k: int | None = None  # distil from the teacher's k most probable tokens only (null: all)
     teacher_tail: Literal["uniform", "renormalize"] = "uniform"  # the mass outside a top-k (losses.SparseTeacher)
     filter: FilterConfig = field(default_factory=FilterConfig)  # drop the easiest rows (losses.filtering)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # rows the student writes (distill.onpolicy)
 
     def __post_init__(self):
         if self.kd not in KD_LOSSES:
@@ -99,6 +101,9 @@ class LossConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:
             raise ConfigError(f"teacher_top_k={self.teacher_top_k}: must be >= 1 (null: the whole vocabulary)")
+        if self.on_policy.active and self.filter.active:
+            raise ConfigError("on_policy.fraction and filter.score: use one of them; the filter ranks data rows "
+                              "by their labels, and on-policy rows have none (set filter.score: none)")
 
 
 @dataclass(frozen=True)
@@ -236,16 +241,38 @@ class Config:
         if self.students and self.train.steps <= self.teacher_warmup():
             raise ConfigError(f"train.steps={self.train.steps}: must exceed teacher.warmup_steps "
                               f"({self.teacher_warmup()}) so the students train")
+        check_image_models(self.data, self.teacher.source, [("teacher", teacher)] + [
+            (f"students[{i}]", self.student_model(i)) for i in range(len(self.students))])
+        for i in range(len(self.students)):
+            self._check_on_policy(i)
         self.teacher_rules()
         for i in range(len(self.students)):
             self.student_rules(i)
         if self.data.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum}: must divide data.batch_size "
-        check_image_models(self.data, self.teacher.source, [("teacher", teacher)] + [
-            (f"students[{i}]", self.student_model(i)) for i in range(len(self.students))])
-        for i in range(len(self.students)):
-            self._check_on_policy(i)
                               f"({self.data.batch_size})")
+
+    def _check_on_policy(self, index: int) -> None:
+        on_policy, own = self.student_loss(index).on_policy, self.students[index].loss is not None
+        if not on_policy.active or (self.students[index].control and not own):  # a control ignores the run's loss
+            return
+        where = f"students[{index}].loss.on_policy" if own else "loss.on_policy"
+        if self.students[index].control:
+            raise ConfigError(f"{where}.fraction={on_policy.fraction}: students[{index}] is a control (hard labels "
+                              "only); give on_policy to a distilled student, or set fraction: 0")
+        if self.teacher.source == "cache":
+            raise ConfigError(f"{where}.fraction={on_policy.fraction}: a cached teacher cannot score the student's "
+                              "samples; use teacher.source scratch, run or hf, or set fraction: 0")
+        if self.teacher.mutual_weight > 0:
+            raise ConfigError(f"{where}.fraction={on_policy.fraction}: teacher.mutual_weight compares the teacher "
+                              "with the students on data rows, and this student replaces some; set one of them to 0")
+        if on_policy.prompt_tokens >= self.data.seq_len:
+            raise ConfigError(f"{where}.prompt_tokens={on_policy.prompt_tokens}: must be shorter than "
+                              f"data.seq_len ({self.data.seq_len}) so the student writes something")
+        rows = self.data.batch_size // self.train.grad_accum
+        if on_policy.rows(rows) == 0:
+            raise ConfigError(f"{where}.fraction={on_policy.fraction}: rounds to 0 of a micro-batch's {rows} rows; "
+                              f"use at least {0.5 / rows:.3g}")
 
     def teacher_model(self) -> ModelConfig:
         t = self.teacher

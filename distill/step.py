@@ -23,6 +23,7 @@ import optax
 from flax import nnx, struct
 
 import losses
+from distill import onpolicy
 from distill.config import LossConfig, OptimConfig, TeacherConfig
 from distill.model import ModelOutput
 from distill.model.sharding import ShardingContext, use_sharding
@@ -58,6 +59,7 @@ class StudentPlan:
     num_experts: int
     router_kd: bool  # router distillation active (equal MoE layer and expert counts)
     sharding: ShardingContext | None = None  # mesh + this student's logical-axis rules
+    on_policy_rows: int = 0  # the first rows of every micro-batch the student writes itself (distill.onpolicy)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class StepPlan:
     grad_accum: int
     teacher_sharding: ShardingContext | None = None  # mesh + the teacher's logical-axis rules
     debug_nonfinite_step: int | None = None  # testing hook: every gradient is NaN at this step
+    seed: int = 0  # of the on-policy students' sampling (a key per step, micro-batch and student)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int,
@@ -160,18 +163,57 @@ def _teacher_judgement(target, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return -losses.cross_entropy(target, batch["labels"], mask=batch["mask"] > 0), jnp.argmax(target, -1)
 
 
+def _with_student_rows(plan: StepPlan, state: TrainState, sp: StudentPlan, params, mb: Batch, target_logits,
+                       target_router, key):
+    """The micro-batch with its first `sp.on_policy_rows` rows replaced by the student's own
+    continuations, and the distillation target's logits (and router logits) on them."""
+    n, seq = sp.on_policy_rows, mb["tokens"].shape[1]
+    # Sampled outside the student's sharding context: a decode step's few tokens (one per row) need
+    # not split over the expert-parallel shards, and XLA places the small decode from the params.
+    written = onpolicy.student_rows(nnx.merge(sp.graph, params), mb["tokens"][:n], sp.loss.on_policy, key)
+    teacher_params = state.teacher.params if state.target is None else state.target
+    scored = forward(plan.teacher_graph, teacher_params, written, plan.teacher_sharding)
+    batch = {k: jnp.concatenate([written[k], v[n:]]) if k in written else v for k, v in mb.items()}
+    logits = jnp.concatenate([scored.logits, target_logits[n:]])
+    router = jnp.concatenate([scored.router_logits, target_router[:, n * seq:]], axis=1)
+    return batch, jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router)
+
+
+def _kd_term(student_logits, target, labels, mask, cfg: LossConfig) -> jax.Array:
+    """The student's KD term alone, per token: what trains it on the rows it wrote."""
+    kd = losses.KD_LOSSES[cfg.kd]
+    args = (student_logits, target, labels) if cfg.kd == "dkd" else (student_logits, target)
+    return kd(*args, temperature=cfg.temperature, mask=mask, **cfg.kd_kwargs)
+
+
+def _data_loss(plan: StudentPlan, logits, target, labels, mask, student_step) -> tuple[jax.Array, dict]:
+    """Per token on data rows: `(1 - a) * CE + a * KD`, or plain CE for a control."""
+    cfg = plan.loss
+    if plan.control:
+        per_token = losses.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, mask=mask)
+        return per_token, {"ce": losses.token_mean(per_token, mask)}
+    return losses.distillation_loss(logits, target, labels, step=student_step, weighting=cfg.weighting, kd=cfg.kd,
+                                    kd_kwargs=cfg.kd_kwargs, temperature=cfg.temperature, mask=mask,
+                                    label_smoothing=cfg.label_smoothing)
+
+
 def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step, judgement):
     out = forward(plan.graph, params, batch, plan.sharding)
     mask, labels, cfg = batch["mask"] > 0, batch["labels"], plan.loss
-    target_logits = _distillation_target(target_logits, cfg)
-    if plan.control:
-        per_token = losses.cross_entropy(out.logits, labels, label_smoothing=cfg.label_smoothing, mask=mask)
-        stats = {"ce": losses.token_mean(per_token, mask)}
-    else:
-        per_token, stats = losses.distillation_loss(
-            out.logits, target_logits, labels, step=student_step, weighting=cfg.weighting, kd=cfg.kd,
-            kd_kwargs=cfg.kd_kwargs, temperature=cfg.temperature, mask=mask, label_smoothing=cfg.label_smoothing)
-    metrics, scores = {}, None
+    n = plan.on_policy_rows  # rows [:n] the student wrote (KD only), rows [n:] data
+    metrics, scores, stats, per_token = {}, None, {}, []
+    if n:
+        written_loss = _kd_term(out.logits[:n], _distillation_target(target_logits[:n], cfg), labels[:n], mask[:n], cfg)
+        metrics["on_policy_kd"] = losses.token_mean(written_loss, mask[:n])
+        metrics["on_policy_teacher_nll"] = losses.token_mean(
+            losses.cross_entropy(target_logits[:n], labels[:n], mask=mask[:n]), mask[:n])
+        per_token.append(written_loss)
+    data_target = _distillation_target(target_logits[n:] if n else target_logits, cfg)
+    if n < labels.shape[0]:
+        data_loss, stats = _data_loss(plan, out.logits[n:], data_target, labels[n:], mask[n:], student_step)
+        per_token.append(data_loss)
+        metrics["accuracy"] = _accuracy(out.logits[n:], labels[n:], batch["mask"][n:])
+    per_token = jnp.concatenate(per_token)
     token_weights = mask
     if cfg.filter.active:  # the easiest rows of the micro-batch weigh cfg.filter.weight
         label_log_prob, top1 = judgement
@@ -196,9 +238,8 @@ def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target
     if plan.control:  # the control's distance to the teacher, measured, never trained on
         logits = jax.lax.stop_gradient(out.logits)
         metrics["kd"] = losses.token_mean(
-            losses.forward_kl(logits, target_logits, temperature=cfg.temperature, mask=mask), mask)
+            losses.forward_kl(logits, data_target, temperature=cfg.temperature, mask=mask), mask)
         metrics["alpha"] = jnp.zeros(())
-    metrics["accuracy"] = _accuracy(out.logits, labels, batch["mask"])
     metrics["router_entropy"] = _router_entropy(out)
     metrics["dropped_fraction"] = jnp.mean(out.dropped_fraction) if out.dropped_fraction.size else jnp.zeros(())
     return total, (metrics, _expert_load(out), jax.lax.stop_gradient(out.logits), scores)
@@ -257,7 +298,7 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
     student_step = state.step - student_step_offset
 
     def micro(carry, xs):
-        mb, weight = xs  # weight: this micro-batch's share of the step's tokens
+        mb, weight, micro_index = xs  # weight: this micro-batch's share of the step's tokens
         teacher_grads, student_grads = carry
         if plan.teacher_graph is None:
             t_logits = t_router = t_counts = None
@@ -283,15 +324,22 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
 
         filtering = any(sp.loss.filter.active for sp in students)
         judgement = _teacher_judgement(target_logits, mb) if filtering else None
-        new_student_grads, student_metrics, student_logits, row_scores = [], [], [], []
-        for sp, s_state, acc in zip(students, state.students, student_grads):
+        new_student_grads, student_metrics, student_logits, row_scores, written = [], [], [], [], []
+        for i, (sp, s_state, acc) in enumerate(zip(students, state.students, student_grads)):
+            s_batch, s_target, s_router = mb, target_logits, target_router
+            if sp.on_policy_rows:
+                key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), state.step),
+                                         micro_index * len(students) + i)
+                s_batch, s_target, s_router = _with_student_rows(plan, state, sp, s_state.params, mb, target_logits,
+                                                                 target_router, key)
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
             (_, (metrics, load, logits, scores)), grads = grad_fn(
-                s_state.params, sp, mb, target_logits, target_router, student_step, judgement)
+                s_state.params, sp, s_batch, s_target, s_router, student_step, judgement)
             new_student_grads.append(jax.tree.map(lambda a, g: a + weight * g, acc, grads))
             student_metrics.append((metrics, load))
             student_logits.append(logits)
             row_scores.append(scores)
+            written.append(jnp.append(s_batch["tokens"][0], s_batch["labels"][0, -1]) if sp.on_policy_rows else None)
 
         mask = mb["mask"] > 0
         if plan.teacher_graph is None:  # the cache holds the label's log-probability: the CE is exact
@@ -312,15 +360,15 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
             t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mask), mask)
         weigh = lambda tree: jax.tree.map(lambda x: weight * x, tree)  # noqa: E731
         return ((teacher_grads, tuple(new_student_grads)),
-                (weigh((t_metrics, teacher_load, tuple(student_metrics))), tuple(row_scores)))
+                (weigh((t_metrics, teacher_load, tuple(student_metrics))), tuple(row_scores), tuple(written)))
 
     zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
     init = (zeros(state.teacher.params) if teacher_trains else None,
             tuple(zeros(s.params) for s in state.students[:len(students)]))
     tokens = jnp.sum(batch["mask"], axis=tuple(range(1, batch["mask"].ndim)))
     weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
-    (teacher_grads, student_grads), ((t_metrics, t_load, s_metrics), s_row_scores) = jax.lax.scan(
-        micro, init, (batch, weights))
+    (teacher_grads, student_grads), ((t_metrics, t_load, s_metrics), s_row_scores, s_written) = jax.lax.scan(
+        micro, init, (batch, weights, jnp.arange(batch["mask"].shape[0])))
     if plan.debug_nonfinite_step is not None:
         poison = jnp.where(state.step + 1 == plan.debug_nonfinite_step, jnp.nan, 1.0)
         teacher_grads, student_grads = jax.tree.map(lambda g: g * poison, (teacher_grads, student_grads))
@@ -346,6 +394,8 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         metrics[prefix + "expert_load"] = jnp.sum(load, axis=0)
         if s_row_scores[i] is not None:  # [grad_accum, rows]: the trainer logs the easiest and hardest rows
             metrics[prefix + "filter_row_scores"] = s_row_scores[i]
+        if s_written[i] is not None:  # [seq + 1]: the trainer logs the last micro-batch's first written row
+            metrics[prefix + "on_policy_written"] = s_written[i][-1]
         metrics[prefix + "grad_norm"] = optax.tree.norm(grads)
         params, opt_state, updated[1 + i] = _apply(sp.tx, state.students[i].params, state.students[i].opt_state, grads)
         new_students[i] = ModelState(params=params, opt_state=opt_state)

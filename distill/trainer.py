@@ -102,10 +102,12 @@ def _plan(cfg: Config, models: Models, mesh: Mesh) -> StepPlan:
         plans.append(StudentPlan(name=s.name, graph=graph, tx=_optimizer(cfg.student_optim(i), model.cfg, student_steps,
                                                                       f"students[{i}].optim.metap_base"),
                                  loss=loss, control=s.control, num_experts=model.cfg.num_local_experts,
-                                 router_kd=router_kd, sharding=ShardingContext(mesh, cfg.student_rules(i))))
+                                 router_kd=router_kd, sharding=ShardingContext(mesh, cfg.student_rules(i)),
+                                 on_policy_rows=0 if s.control else loss.on_policy.rows(
+                                     cfg.data.batch_size // cfg.train.grad_accum)))
     return StepPlan(teacher_graph=t_graph, teacher_tx=teacher_tx, teacher=cfg.teacher,
                     teacher_experts=t_cfg.num_local_experts, students=tuple(plans), grad_accum=cfg.train.grad_accum,
-                    debug_nonfinite_step=cfg.train.debug_nonfinite_step,
+                    debug_nonfinite_step=cfg.train.debug_nonfinite_step, seed=cfg.train.seed,
                     teacher_sharding=ShardingContext(mesh, cfg.teacher_rules()))
 
 
@@ -377,6 +379,15 @@ def _log_filtered_rows(logger: RunLogger, step: int, tag: str, scores: np.ndarra
     logger.log_text(step, tag.replace("filter_row_scores", "filter_examples"), "\n\n".join(shown))
 
 
+def _log_written_row(logger: RunLogger, step: int, tag: str, tokens: np.ndarray, prompt_tokens: int, tokenizer,
+                     chars: int = 600) -> None:
+    """A row an on-policy student wrote this step: its data prompt, then what it sampled."""
+    prompt = tokenizer.decode(tokens[:prompt_tokens])[-chars:].replace("`", "'")
+    written = tokenizer.decode(tokens[prompt_tokens:])[:chars].replace("`", "'")
+    logger.log_text(step, tag, f"**prompt** (data):\n\n```\n{prompt}\n```\n\n**written by the student**:\n\n"
+                               f"```\n{written}\n```")
+
+
 def _scalars(metrics: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     host = jax.device_get(metrics)
     scalars = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
@@ -524,6 +535,11 @@ def _loop(cfg, run_dir, existing, state, sources, plan, compiled, placement, sto
                     for tag in [t for t in arrays if t.endswith("/filter_row_scores")]:
                         _log_filtered_rows(logger, done, tag, arrays.pop(tag)[:, rows], host_batch["tokens"],
                                            data.tokenizer)
+                    for i, s in enumerate(cfg.students):
+                        tag = f"student/{s.name}/on_policy_written"
+                        if tag in arrays:
+                            _log_written_row(logger, done, tag, arrays.pop(tag),
+                                             cfg.student_loss(i).on_policy.prompt_tokens, data.tokenizer)
                     for tag, values in arrays.items():
                         for layer, load in enumerate(values if values.ndim == 2 else [values]):
                             logger.log_histogram(done, f"{tag}/layer{layer}", load)

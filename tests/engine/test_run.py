@@ -208,3 +208,28 @@ def test_a_filtering_student_logs_what_it_dropped(tmp_path):
     decoded = {data.tokenizer.decode(row).replace("`", "'")[:600] for row in last["tokens"]}
     for block in shown.split("```")[1::2]:
         assert block.strip("\n") in decoded
+
+
+def test_an_on_policy_student_logs_what_it_wrote(tmp_path):
+    """Per log step: its on-policy scalars, and the text of a row it wrote, whose prompt is the
+    start of a row of that step's batch."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(tmp_path / "run", **{"students.0.loss": "{on_policy: {fraction: 0.5, prompt_tokens: 12}}"})
+    distill.run(cfg)
+    rows = [line for line in read_metrics_jsonl(tmp_path / "run") if "student/distilled/on_policy_kd" in line]
+    assert [line["step"] for line in rows] == [4, 6, 8, 10]
+    assert all(line["student/distilled/on_policy_teacher_nll"] > 0 for line in rows)
+    assert not any("student/control/on_policy" in key for line in rows for key in line)
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    events.Reload()
+    texts = events.Tensors("student/distilled/on_policy_written")
+    assert [t.step for t in texts] == [4, 6, 8, 10]
+    shown = texts[-1].tensor_proto.string_val[0].decode()
+    prompt, written = shown.split("```")[1::2]
+    data = build_data(cfg.data, seed=cfg.train.seed)
+    iterator = data.train_iterator()
+    last = [next(iterator) for _ in range(10)][-1]
+    assert prompt.strip("\n") in {data.tokenizer.decode(row[:12]).replace("`", "'").strip("\n")
+                                     for row in last["tokens"]}
+    assert written.strip("\n")  # the student wrote something

@@ -171,6 +171,8 @@ def test_refusals_name_the_field_and_change_nothing(trained, tmp_path, digests):
         with pytest.raises(ConfigError, match=message):
             run(tiny(**cached, **overrides))
         assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="a cached teacher cannot score the student's samples"):
+        tiny(**cached, **{"students.0.loss": "{on_policy: {fraction: 0.5, prompt_tokens: 4}}"})
     with pytest.raises(ConfigError, match="teacher.trainable=True: a cached teacher does not run or train"):
         tiny(**cached, **{"teacher.trainable": True})
     with pytest.raises(ConfigError, match="teacher.warmup_steps=2: a cached teacher"):
