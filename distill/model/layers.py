@@ -36,9 +36,11 @@ def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """RMSNorm with a learned scale over `width` (default: the decoder's `hidden_size`)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int | None = None):
         self.eps = cfg.rms_norm_eps
-        self.weight = param(rngs, (cfg.hidden_size,), ("norm",), cfg, init="ones")
+        self.weight = param(rngs, (width or cfg.hidden_size,), ("norm",), cfg, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_normalize(x, self.eps) * self.weight[...].astype(x.dtype)

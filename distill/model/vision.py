@@ -19,7 +19,7 @@ from flax import nnx
 
 from distill.model.attention import grouped_attention
 from distill.model.config import ModelConfig, VisionConfig
-from distill.model.layers import dtype_of, param, rms_normalize
+from distill.model.layers import RMSNorm, dtype_of, param
 
 
 def patches_of(images: jax.Array, patch_size: int) -> jax.Array:
@@ -32,17 +32,6 @@ def patches_of(images: jax.Array, patch_size: int) -> jax.Array:
     return x.reshape(*lead, (h // p) * (w // p), p * p * c)
 
 
-class _Norm(nnx.Module):
-    """RMSNorm with a learned scale over the encoder width."""
-
-    def __init__(self, width: int, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.eps = cfg.rms_norm_eps
-        self.weight = param(rngs, (width,), ("norm",), cfg, init="ones")
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_normalize(x, self.eps) * self.weight[...].astype(x.dtype)
-
-
 class EncoderLayer(nnx.Module):
     """`h = x + attn(norm(x)); out = h + mlp(norm(h))`, every patch attending to every patch."""
 
@@ -50,12 +39,12 @@ class EncoderLayer(nnx.Module):
         d, h = vision.hidden_size, vision.num_attention_heads
         hd = d // h
         self.compute_dtype = dtype_of(cfg.dtype)
-        self.attention_norm = _Norm(d, cfg, rngs)
+        self.attention_norm = RMSNorm(cfg, rngs, d)
         self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
         self.k = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
         self.v = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg)
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), cfg)
-        self.mlp_norm = _Norm(d, cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg, rngs, d)
         self.fc1 = param(rngs, (d, vision.intermediate_size), ("embed", "mlp"), cfg)
         self.fc2 = param(rngs, (vision.intermediate_size, d), ("mlp", "embed"), cfg)
 
@@ -82,7 +71,7 @@ class VisionEncoder(nnx.Module):
         self.patch_embed = param(rngs, (vision.patch_size**2 * vision.num_channels, d), (None, "embed"), cfg)
         self.position_embed = param(rngs, (vision.tokens_per_image, d), (None, "embed"), cfg)
         self.layers = nnx.List([EncoderLayer(vision, cfg, rngs) for _ in range(vision.num_hidden_layers)])
-        self.final_norm = _Norm(d, cfg, rngs)
+        self.final_norm = RMSNorm(cfg, rngs, d)
         self.output = param(rngs, (d, vision.vision_output_dim), ("embed", None), cfg)
 
     def __call__(self, images: jax.Array) -> jax.Array:
