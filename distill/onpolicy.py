@@ -6,6 +6,8 @@ itself: in every micro-batch the first `round(fraction * rows)` rows keep only t
 `prompt_tokens` tokens, the student (its parameters at the start of the step, no gradient)
 samples the rest with a KV cache, the teacher scores the samples, and the student is trained on
 them with its KD term alone (a sampled token is not a hard label). `fraction` is GKD's lambda.
+`start_step` keeps a student off-policy for its first steps: a student that has not learnt
+anything yet writes noise, and GKD starts from a trained student.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class OnPolicyConfig:
     prompt_tokens: int = 32  # the data tokens an on-policy row keeps as its prompt; the student writes the rest
     temperature: float = 1.0  # of the student's sampling; 0: greedy
     top_k: int | None = None  # sample among the k most probable tokens (null: the whole vocabulary)
+    start_step: int = 0  # the student's own steps of off-policy KD before it starts writing rows
 
     def __post_init__(self):
         if not 0 <= self.fraction <= 1:
@@ -36,6 +39,8 @@ class OnPolicyConfig:
             raise ConfigError(f"on_policy.temperature={self.temperature!r}: must be >= 0 (0: greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"on_policy.top_k={self.top_k!r}: must be >= 1 (null: the whole vocabulary)")
+        if self.start_step < 0:
+            raise ConfigError(f"on_policy.start_step={self.start_step!r}: must be >= 0 (0: from the student's first step)")
 
     @property
     def active(self) -> bool:

@@ -173,7 +173,7 @@ def _with_student_rows(plan: StepPlan, state: TrainState, sp: StudentPlan, param
     written = onpolicy.student_rows(nnx.merge(sp.graph, params), mb["tokens"][:n], sp.loss.on_policy, key)
     teacher_params = state.teacher.params if state.target is None else state.target
     scored = forward(plan.teacher_graph, teacher_params, written, plan.teacher_sharding)
-    batch = {k: jnp.concatenate([written[k], v[n:]]) if k in written else v for k, v in mb.items()}
+    batch = {k: jnp.concatenate([written[k].astype(v.dtype), v[n:]]) if k in written else v for k, v in mb.items()}
     logits = jnp.concatenate([scored.logits, target_logits[n:]])
     router = jnp.concatenate([scored.router_logits, target_router[:, n * seq:]], axis=1)
     return batch, jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router)
@@ -197,16 +197,22 @@ def _data_loss(plan: StudentPlan, logits, target, labels, mask, student_step) ->
                                     label_smoothing=cfg.label_smoothing)
 
 
-def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step, judgement):
+def _student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step, judgement,
+                  writing):
     out = forward(plan.graph, params, batch, plan.sharding)
     mask, labels, cfg = batch["mask"] > 0, batch["labels"], plan.loss
     n = plan.on_policy_rows  # rows [:n] the student wrote (KD only), rows [n:] data
     metrics, scores, stats, per_token = {}, None, {}, []
-    if n:
-        written_loss = _kd_term(out.logits[:n], _distillation_target(target_logits[:n], cfg), labels[:n], mask[:n], cfg)
-        metrics["on_policy_kd"] = losses.token_mean(written_loss, mask[:n])
-        metrics["on_policy_teacher_nll"] = losses.token_mean(
-            losses.cross_entropy(target_logits[:n], labels[:n], mask=mask[:n]), mask[:n])
+    if n:  # `writing`: False before on_policy.start_step, when rows [:n] are still data rows
+        head_target = _distillation_target(target_logits[:n], cfg)
+        written_loss = _kd_term(out.logits[:n], head_target, labels[:n], mask[:n], cfg)
+        if cfg.on_policy.start_step:
+            data_head, _ = _data_loss(plan, out.logits[:n], head_target, labels[:n], mask[:n], student_step)
+            written_loss = jnp.where(writing, written_loss, data_head)
+        metrics["on_policy_kd"] = jnp.where(writing, losses.token_mean(written_loss, mask[:n]), 0.0)
+        metrics["on_policy_teacher_nll"] = jnp.where(writing, losses.token_mean(
+            losses.cross_entropy(target_logits[:n], labels[:n], mask=mask[:n]), mask[:n]), 0.0)
+        metrics["on_policy_writing"] = jnp.asarray(writing, jnp.float32)
         per_token.append(written_loss)
     data_target = _distillation_target(target_logits[n:] if n else target_logits, cfg)
     if n < labels.shape[0]:
@@ -326,15 +332,21 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         judgement = _teacher_judgement(target_logits, mb) if filtering else None
         new_student_grads, student_metrics, student_logits, row_scores, written = [], [], [], [], []
         for i, (sp, s_state, acc) in enumerate(zip(students, state.students, student_grads)):
-            s_batch, s_target, s_router = mb, target_logits, target_router
+            s_batch, s_target, s_router, writing = mb, target_logits, target_router, True
             if sp.on_policy_rows:
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), state.step),
                                          micro_index * len(students) + i)
-                s_batch, s_target, s_router = _with_student_rows(plan, state, sp, s_state.params, mb, target_logits,
-                                                                 target_router, key)
+                write = lambda sp=sp, s_state=s_state, key=key: _with_student_rows(  # noqa: E731
+                    plan, state, sp, s_state.params, mb, target_logits, target_router, key)
+                if sp.loss.on_policy.start_step:  # off-policy (no sampling at all) before it
+                    writing = student_step >= sp.loss.on_policy.start_step
+                    s_batch, s_target, s_router = jax.lax.cond(
+                        writing, write, lambda: (mb, target_logits, target_router))
+                else:
+                    s_batch, s_target, s_router = write()
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
             (_, (metrics, load, logits, scores)), grads = grad_fn(
-                s_state.params, sp, s_batch, s_target, s_router, student_step, judgement)
+                s_state.params, sp, s_batch, s_target, s_router, student_step, judgement, writing)
             new_student_grads.append(jax.tree.map(lambda a, g: a + weight * g, acc, grads))
             student_metrics.append((metrics, load))
             student_logits.append(logits)

@@ -536,9 +536,9 @@ def _loop(cfg, run_dir, existing, state, sources, plan, compiled, placement, sto
                         _log_filtered_rows(logger, done, tag, arrays.pop(tag)[:, rows], host_batch["tokens"],
                                            data.tokenizer)
                     for i, s in enumerate(cfg.students):
-                        tag = f"student/{s.name}/on_policy_written"
-                        if tag in arrays:
-                            _log_written_row(logger, done, tag, arrays.pop(tag),
+                        written = arrays.pop(f"student/{s.name}/on_policy_written", None)
+                        if written is not None and scalars[f"student/{s.name}/on_policy_writing"]:  # start_step
+                            _log_written_row(logger, done, f"student/{s.name}/on_policy_written", written,
                                              cfg.student_loss(i).on_policy.prompt_tokens, data.tokenizer)
                     for tag, values in arrays.items():
                         for layer, load in enumerate(values if values.ndim == 2 else [values]):

@@ -132,3 +132,22 @@ def test_sampled_rows_and_losses_are_the_same_on_an_expert_parallel_mesh(tmp_pat
     for a, b in zip(one, eight, strict=True):
         for key in ("on_policy_kd", "on_policy_teacher_nll", "loss"):
             assert b[f"student/distilled/{key}"] == pytest.approx(a[f"student/distilled/{key}"], rel=1e-4)
+
+
+def test_before_start_step_the_student_is_off_policy():
+    """on_policy.start_step 2: at the student's step 0 its update is the off-policy student's,
+    bit for bit; from step 2 on it writes rows."""
+    later = {**GREEDY, "students.0.loss": "{weighting: {alpha: 0.5}, on_policy: {fraction: 0.5, prompt_tokens: 8, "
+                                          "start_step: 2}}"}
+    _, _, plan, state, batch = setup(**later)
+    early, metrics = step(plan, state, batch)
+    _, _, plain_plan, plain_state, _ = setup(**{**GREEDY, "students.0.loss": "{weighting: {alpha: 0.5}}"})
+    plain, plain_metrics = step(plain_plan, plain_state, batch)
+    assert float(metrics["student/distilled/on_policy_writing"]) == 0.0
+    assert float(metrics["student/distilled/on_policy_kd"]) == 0.0
+    np.testing.assert_allclose(metrics["student/distilled/loss"], plain_metrics["student/distilled/loss"], rtol=1e-6)
+    for a, b in zip(leaves(early.students[0].params), leaves(plain.students[0].params), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    _, writing = step(plan, state.replace(step=state.step + 2), batch)
+    assert float(writing["student/distilled/on_policy_writing"]) == 1.0
+    assert float(writing["student/distilled/on_policy_kd"]) > 0.0
