@@ -1,4 +1,4 @@
-"""The scripts behind docs/results.md: seeds.py, offline.py and cache.py."""
+"""The scripts behind docs/results.md: seeds.py, offline.py, cache.py and onpolicy.py."""
 
 from __future__ import annotations
 
@@ -78,3 +78,32 @@ def test_cache_script_compares_cached_students_with_online_kd(tmp_path):
     row = next(line for line in result.stdout.splitlines() if line.startswith("| control (online / cached) |"))
     online, from_cache = row.split("|")[2].split("/")
     assert online.strip() == from_cache.strip()
+
+
+def test_onpolicy_script_has_the_teacher_judge_each_students_continuations(tmp_path):
+    """On a tiny run with an on-policy student: the table has every model, and the teacher's bits
+    per token of a sequence are the float64 ones."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import onpolicy
+    from distill.runs import load_models
+
+    run_dir = tmp_path / "run"
+    distill.run(distill.load_config(TINY, [f"run.dir={run_dir}",
+                                           "students.0.loss={on_policy: {fraction: 0.5, prompt_tokens: 8}}"]))
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "results" / "onpolicy.py"), str(run_dir),
+                             "--rows", "2", "--prompt-tokens", "8", "--new-tokens", "8", "--plot",
+                             str(tmp_path / "onpolicy.png")], capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for model in ("teacher", "distilled", "control"):
+        assert any(line.split("|")[0].strip() == model for line in result.stdout.splitlines())
+    assert (tmp_path / "onpolicy.png").stat().st_size
+
+    _, _, teacher, _ = load_models(run_dir)
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 16))
+    logits = np.asarray(teacher(jnp.asarray(tokens[:, :-1])).logits, np.float64)[:, 7:]
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = log_z - np.take_along_axis(logits, tokens[:, 8:, None], -1)[..., 0]
+    assert float(onpolicy.teacher_bits(teacher, jnp.asarray(tokens), 8)) == pytest.approx(nll.mean() / np.log(2),
+                                                                                       rel=1e-5)

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from seeds import mean_and_spread
+from seeds import mean_and_spread, save_figure
 
 from distill.data import build_data
 from distill.model.generate import generate
@@ -70,6 +70,8 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.0])
+    parser.add_argument("--plot", type=Path, help="a PNG: each model's validation bpb and teacher bits per "
+                        "written token, mean +- std over the runs")
     args = parser.parse_args()
     for run_dir in args.runs:
         if not (run_dir / "summary.json").is_file():
@@ -90,7 +92,29 @@ def main() -> int:
         cells = [_cell([r["bpb"][name] for r in results])]
         cells += [_cell([r[f"{name}@T{t:g}"] for r in results]) for t in args.temperatures]
         print(" | ".join(f"{c:>16}" for c in [name, *cells]))
+    if args.plot:
+        print(f"wrote {plot(results, models, args.temperatures, args.plot)}")
     return 0
+
+
+def plot(results: list[dict], models: list[str], temperatures: list[float], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("validation bits per byte (data)", lambda r, m: r["bpb"][m])] + [
+        (f"teacher bits per written token, T = {t:g}", lambda r, m, t=t: r[f"{m}@T{t:g}"]) for t in temperatures]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    for ax, (title, value) in zip(axes, panels):
+        stats = [mean_and_spread([value(r, m) for r in results]) for m in models]
+        ax.bar(models, [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="tab:blue")
+        ax.set_ylim(min(m for m, _ in stats) * 0.9, max(m + s for m, s in stats) * 1.03)
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    fig.suptitle(f"on-policy vs off-policy distillation ({len(results)} run(s))", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out)
 
 
 def _cell(values: list[float]) -> str:
