@@ -263,6 +263,9 @@ class Config:
         if self.teacher.source == "cache":
             raise ConfigError(f"{where}.fraction={on_policy.fraction}: a cached teacher cannot score the student's "
                               "samples; use teacher.source scratch, run or hf, or set fraction: 0")
+        if self.student_model(index).vision is not None:
+            raise ConfigError(f"{where}.fraction={on_policy.fraction}: students[{index}] reads images, and "
+                              "sampling (distill.model.generate) takes text prompts only; set fraction: 0")
         if self.teacher.mutual_weight > 0:
             raise ConfigError(f"{where}.fraction={on_policy.fraction}: teacher.mutual_weight compares the teacher "
                               "with the students on data rows, and this student replaces some; set one of them to 0")

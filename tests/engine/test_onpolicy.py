@@ -90,6 +90,10 @@ def test_samples_follow_the_seed_and_the_step():
     ({"loss.on_policy": "{fraction: 0.5}", "loss.filter": "{score: teacher_loss}"}, "use one of them"),
     ({"students.0.loss": "{on_policy: {fraction: 0.1, prompt_tokens: 4}}"}, "rounds to 0 of a micro-batch's 4 rows"),
     ({"students.0.loss": "{on_policy: {fraction: 0.5, prompt_tokens: 4}}", "teacher.mutual_weight": 0.1}, "mutual_weight"),
+    ({"students.0.loss": "{on_policy: {fraction: 0.5, prompt_tokens: 4}}",
+      "students.0.model.vision": "{image_size: 8, patch_size: 2, num_channels: 1, hidden_size: 8, "
+                                 "intermediate_size: 8, num_hidden_layers: 1, num_attention_heads: 2, "
+                                 "vision_output_dim: 8}"}, "takes text prompts only"),
     ({"loss.on_policy": "{fraction: 1.5}"}, "must be in [0, 1]"),
     ({"loss.on_policy": "{temperature: -1}"}, "must be >= 0"),
 ])
