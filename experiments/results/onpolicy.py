@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from seeds import mean_and_spread, save_figure
 
+import losses
 from distill.data import build_data
 from distill.model.generate import generate
 from distill.runs import load_models
@@ -45,8 +46,7 @@ def prompts_of(cfg, rows: int, length: int) -> np.ndarray:
 def teacher_bits(teacher, tokens: jax.Array, prompt: int) -> jax.Array:
     """The teacher's mean bits per token over `tokens[:, prompt:]`, each given what precedes it."""
     logits = teacher(tokens[:, :-1]).logits[:, prompt - 1:]
-    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, prompt:, None], -1)[..., 0]
-    return jnp.mean(nll) / math.log(2)
+    return jnp.mean(losses.cross_entropy(logits, tokens[:, prompt:])) / math.log(2)
 
 
 def judge_run(run_dir: Path, rows: int, prompt: int, new: int, temperatures: list[float]) -> dict:
