@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill.data.config import DataConfig, fail
-from distill.data.packing import is_validation
+from distill.data.packing import is_validation, padding_rows
 from distill.model.config import ConfigError, ModelConfig
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -78,11 +78,7 @@ class ImageRows:
 
     def padding(self, rows: int, seq_len: int) -> dict[str, np.ndarray]:
         """Rows that count for nothing (mask 0, no placeholders, blank images)."""
-        zeros = np.zeros((rows, seq_len), np.int32)
-        return {"tokens": zeros, "labels": zeros.copy(), "mask": np.zeros((rows, seq_len), np.float32),
-                "segment_ids": zeros.copy(),
-                "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (rows, seq_len)).copy(),
-                "images": np.zeros((rows, 1, *IMAGE_SHAPE), np.float32)}
+        return {**padding_rows(rows, seq_len), "images": np.zeros((rows, 1, *IMAGE_SHAPE), np.float32)}
 
 
 def _rows(images: np.ndarray, digits: np.ndarray, cfg: DataConfig) -> ImageRows:
