@@ -76,25 +76,52 @@ class Attention(nnx.Module):
             scales = temperature_scales(positions_bs, cfg.floor_scale, cfg.attn_scale)
             q = (q.astype(jnp.float32) * scales[:, :, None, None]).astype(c)
         chunk = cfg.attention_chunk_size if self.uses_rope else None
+        blocks = 1
         if cache is None:
             mask = attention_mask(positions_bs, segment_ids_bs, chunk)
+            blocks = causal_query_blocks(q.shape[1])
         else:
             at = (0, cache_index, 0, 0)
             cache = LayerCache(keys=jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), at),
                                values=jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), at))
             k, v = cache.keys, cache.values
             mask = cached_attention_mask(positions_bs, k.shape[1], chunk)
-        out = grouped_attention(q, k, v, mask, cfg.head_dim**-0.5)
+        out = grouped_attention(q, k, v, mask, cfg.head_dim**-0.5, query_blocks=blocks)
         return jnp.einsum("bshk,hkd->bsd", out, self.o[...].astype(c)), cache
 
 
-def grouped_attention(q_bshk, k_bskk, v_bskk, mask_b1qk, scale: float) -> jax.Array:
-    """Softmax attention with `kv_heads` groups of query heads; logits and softmax in float32."""
+def causal_query_blocks(seq_len: int) -> int:
+    """Query blocks for causal self-attention: 4 when they split the sequence evenly into blocks of
+    at least 16, else 1. Four blocks compute 5/8 of the `[S, S]` logits (docs/performance.md)."""
+    return 4 if seq_len % 4 == 0 and seq_len >= 64 else 1
+
+
+def grouped_attention(q_bshk, k_bskk, v_bskk, mask_b1qk, scale: float, query_blocks: int = 1) -> jax.Array:
+    """Softmax attention with `kv_heads` groups of query heads; logits and softmax in float32.
+
+    `query_blocks > 1` is for causal self-attention (query i is key i, the mask hides keys after
+    it): the queries are split into that many blocks, each attending only to the keys up to its
+    own end, so the logits above the diagonal blocks are never computed. Each block's
+    probabilities are normalised after the product with the values (`[q, head_dim]` divisions
+    instead of `[q, keys]`).
+    """
     b, s, h, hd = q_bshk.shape
     kv = k_bskk.shape[2]
     q = q_bshk.reshape(b, s, kv, h // kv, hd)
-    logits = jnp.einsum("bqgrk,bsgk->bgrqs", q, k_bskk, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask_b1qk[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_bskk.dtype)
-    out = jnp.einsum("bgrqs,bsgk->bqgrk", probs, v_bskk)
-    return out.reshape(b, s, h, hd)
+    if query_blocks == 1:
+        return _attend(q, k_bskk, v_bskk, mask_b1qk, scale).reshape(b, s, h, hd)
+    size = s // query_blocks
+    blocks = [_attend(q[:, i * size:(i + 1) * size], k_bskk[:, :(i + 1) * size], v_bskk[:, :(i + 1) * size],
+                      mask_b1qk[:, :, i * size:(i + 1) * size, :(i + 1) * size], scale)
+              for i in range(query_blocks)]
+    return jnp.concatenate(blocks, axis=1).reshape(b, s, h, hd)
+
+
+def _attend(q_bqgrk, k_bsgk, v_bsgk, mask_b1qs, scale: float) -> jax.Array:
+    """One query block `[b, q, groups, heads per group, head_dim]` over its keys."""
+    logits = jnp.einsum("bqgrk,bsgk->bgqrs", q_bqgrk, k_bsgk, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask_b1qs[:, :, :, None, :], logits, jnp.finfo(jnp.float32).min)
+    exp = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    total = jnp.transpose(jnp.sum(exp, axis=-1), (0, 2, 1, 3))[..., None]  # [b, q, g, r, 1]
+    out = jnp.einsum("bgqrs,bsgk->bqgrk", exp.astype(v_bsgk.dtype), v_bsgk, preferred_element_type=jnp.float32)
+    return (out / total).astype(v_bsgk.dtype)
