@@ -149,29 +149,31 @@ def _tiled_ffn_fwd(rows_md, experts_m, gate, up, down, tile):
     padded = jnp.concatenate([rows_md, jnp.zeros((tile, d), rows_md.dtype)])
     row_in_tile, row_in_rem = jnp.arange(tile), jnp.arange(rem)
 
-    def expert_body(e, out):
+    def expert_body(e, outs):
         g, u, dn = gate[e], up[e], down[e]  # sliced once per expert, reused by all its tiles
         first, n, nfull = starts[e], counts[e], full[e]
 
-        def full_body(j, out):
-            p = first + j * tile
-            valid = (row_in_tile < n - (p - first))[:, None]
-            return _put(out, p, _expert_ffn_2d(_slice(padded, p, tile), g, u, dn), valid)
+        def run(size, row_in, offset):
+            def body(j, outs):
+                p = offset + j * size
+                valid = (row_in < n - (p - first))[:, None]
+                x = _slice(padded, p, size)
+                a, b = x @ g, x @ u
+                y = (jax.nn.silu(a) * b) @ dn
+                return tuple(_put(o, p, v, valid) for o, v in zip(outs, (y, a, b)))
+            return body
 
-        def rem_body(j, out):
-            p = first + nfull * tile + j * rem
-            valid = (row_in_rem < n - (p - first))[:, None]
-            return _put(out, p, _expert_ffn_2d(_slice(padded, p, rem), g, u, dn), valid)
+        outs = jax.lax.fori_loop(0, nfull, run(tile, row_in_tile, first), outs)
+        return jax.lax.fori_loop(0, small[e], run(rem, row_in_rem, first + nfull * tile), outs)
 
-        out = jax.lax.fori_loop(0, nfull, full_body, out)
-        return jax.lax.fori_loop(0, small[e], rem_body, out)
-
-    out = jax.lax.fori_loop(0, gate.shape[0], expert_body, jnp.zeros_like(padded))
-    return out[:m], (rows_md, experts_m, gate, up, down)
+    # Zeros of `padded @ gate[e]`'s type: under shard_map it varies where the rows or the weights do.
+    pre = jnp.zeros_like(padded[:, :1]) + jnp.zeros_like(gate[0, :1])
+    out, a, b = jax.lax.fori_loop(0, gate.shape[0], expert_body, (jnp.zeros_like(padded), pre, pre))
+    return out[:m], (rows_md, experts_m, gate, up, down, a, b)
 
 
 def _tiled_ffn_bwd(tile, residuals, dy_md):
-    rows_md, experts_m, gate, up, down = residuals
+    rows_md, experts_m, gate, up, down, a_pre, b_pre = residuals
     m, d = rows_md.shape
     starts, counts, full, small, rem = _tile_plan(experts_m, gate.shape[0], tile)
     padded = jnp.concatenate([rows_md, jnp.zeros((tile, d), rows_md.dtype)])
@@ -179,9 +181,9 @@ def _tiled_ffn_bwd(tile, residuals, dy_md):
     row_in_tile, row_in_rem = jnp.arange(tile), jnp.arange(rem)
     f32 = jnp.float32
 
-    def tile_grads(x, dy, g, u, dn):
-        """(dx, dgate, dup, ddown) of one tile; weight gradients accumulate in float32."""
-        a, b = x @ g, x @ u
+    def tile_grads(x, dy, a, b, g, u, dn):
+        """(dx, dgate, dup, ddown) of one tile from its saved pre-activations `x @ g`, `x @ u`;
+        weight gradients accumulate in float32."""
         sa = jax.nn.silu(a)
         dh = dy @ dn.T
         da = dh * b * _silu_grad(a)
@@ -200,7 +202,7 @@ def _tiled_ffn_bwd(tile, residuals, dy_md):
                 valid = (row_in < n - (p - first))[:, None]  # rows of other experts: masked out
                 x = jnp.where(valid, _slice(padded, p, size), 0)
                 dy = jnp.where(valid, _slice(dy_padded, p, size), 0)
-                dx, *grads = tile_grads(x, dy, g, u, dn)
+                dx, *grads = tile_grads(x, dy, _slice(a_pre, p, size), _slice(b_pre, p, size), g, u, dn)
                 return _put(drows, p, dx, valid), tuple(a + b for a, b in zip(acc, grads))
             return run
 
@@ -218,10 +220,6 @@ def _tiled_ffn_bwd(tile, residuals, dy_md):
 _tiled_ffn.defvjp(_tiled_ffn_fwd, _tiled_ffn_bwd)
 
 
-def _expert_ffn_2d(x, g, u, dn):
-    return (jax.nn.silu(x @ g) * (x @ u)) @ dn
-
-
 def tiled_expert_ffn(rows_md, experts_m, w: ExpertWeights, num_experts: int, tile: int):
     """SwiGLU of each row with its expert's weights; rows sorted by expert.
 
@@ -229,9 +227,10 @@ def tiled_expert_ffn(rows_md, experts_m, w: ExpertWeights, num_experts: int, til
     `tile` rows, the last `c % tile` rows in one tile of `_remainder_tile(tile)` rows where they
     fit (rows of other experts in a tile are masked out). Only tiles that hold rows run (dynamic
     trip counts), so the work is the routed rows plus under one tile per expert, whatever the
-    routing. The backward pass is written by hand (`jax.custom_vjp`): it recomputes each tile's activations, accumulates the expert's weight
-    gradients in float32 over its tiles and writes them once; an expert without rows gets an
-    exact zero gradient. Reverse mode only (no `jax.jvp` through it).
+    routing. The forward keeps each row's two SwiGLU pre-activations (`x @ gate`, `x @ up`) for the
+    backward pass, which is written by hand (`jax.custom_vjp`): 6 matmuls per tile, the expert's
+    weight gradients accumulated in float32 over its tiles and written once; an expert without
+    rows gets an exact zero gradient. Reverse mode only (no `jax.jvp` through it).
     """
     assert w.gate.shape[0] == num_experts, (w.gate.shape, num_experts)
     return _tiled_ffn(rows_md, experts_m.astype(jnp.int32), w.gate, w.up, w.down, int(tile))

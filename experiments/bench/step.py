@@ -185,16 +185,18 @@ def section_amortise(plan, results):
     batch, seq = two.data.batch_size, two.data.seq_len
     timings = [step_timing("teacher + 1 student", one), step_timing("teacher + 2 students", two),
                jax_model_step("the student alone", student, batch, seq)]
-    measure(timings, plan["repeats"], plan["budget_s"])
+    # A difference of two step times over a third: more repeats than the other sections.
+    measure(timings, plan["amortise_repeats"], plan["amortise_repeats"] * 2.0)
     t1, t2, alone = (t.median for t in timings)
     ratio = (t2 - t1) / alone
-    results["amortise"] = dict(times_s={t.name: t.times for t in timings}, ratio=ratio)
-    rows = [[t.name, ms(t.median), t.repeats] for t in timings]
+    ratio_min = (timings[1].min - timings[0].min) / timings[2].min
+    results["amortise"] = dict(times_s={t.name: t.times for t in timings}, ratio=ratio, ratio_min=ratio_min)
+    rows = [[t.name, ms(t.median), ms(t.min), t.repeats] for t in timings]
     verdict = "met" if ratio <= 1.1 else "NOT met"
     return ("### 4. Teacher forward amortised over students (quickstart shapes, co-trained teacher)\n\n"
-            + table(["step", "ms (median)", "repeats"], rows)
+            + table(["step", "ms (median)", "ms (min)", "repeats"], rows)
             + f"\n\nThe second student costs {ms(t2 - t1)} ms = {ratio:.2f}x its own training step "
-              f"(target <= 1.10: {verdict}).")
+              f"(from the minima: {ratio_min:.2f}x; target <= 1.10: {verdict}).")
 
 
 def torch_codistill_timing(name: str, cfg: Config, compiled: bool) -> Timing:
@@ -302,11 +304,11 @@ SECTIONS = {"roofline": section_roofline, "codistill": section_codistill, "mfu":
 
 def make_plan(quick: bool) -> dict:
     if quick:
-        return dict(repeats=3, budget_s=3.0, matmul=1024, codistill=[("quickstart", [])], mfu=[(512, 2, 256)],
-                    torch_experts=[8], torch_compile_experts=[], compile_layers=[4, 16])
-    return dict(repeats=5, budget_s=10.0, matmul=2048, codistill=[("quickstart", []), ("large", LARGE)],
-                mfu=[(512, 4, 512), (768, 4, 512)], torch_experts=[8, 16, 64], torch_compile_experts=[16],
-                compile_layers=[4, 16, 48])
+        return dict(repeats=3, budget_s=3.0, amortise_repeats=5, matmul=1024, codistill=[("quickstart", [])],
+                    mfu=[(512, 2, 256)], torch_experts=[8], torch_compile_experts=[], compile_layers=[4, 16])
+    return dict(repeats=5, budget_s=10.0, amortise_repeats=15, matmul=2048,
+                codistill=[("quickstart", []), ("large", LARGE)], mfu=[(512, 4, 512), (768, 4, 512)],
+                torch_experts=[8, 16, 64], torch_compile_experts=[16], compile_layers=[4, 16, 48])
 
 
 if __name__ == "__main__":
