@@ -24,3 +24,22 @@ def test_step_benchmark_prints_the_roofline_table():
     rates = re.findall(r"\|\s+(float32|bfloat16) \| 1024 x 1024 x 1024 \|\s+\d+ \|\s+([\d,.]+) \|", result.stdout)
     assert [dtype for dtype, _ in rates] == ["float32", "bfloat16"]
     assert all(float(rate.replace(",", "")) > 0 for _, rate in rates)
+
+
+def test_profile_attributes_the_step_to_parts_of_the_model():
+    """`distill bench profile` traces a small co-distillation step and attributes XLA's op time to
+    the model's parts through the HLO's stack frames: the attention and the routed experts appear
+    with forward and backward time, and the parts add up to the busy time it prints."""
+    overrides = ["teacher.model={hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 2}",
+                 "students.0.preset=cpu-student-tiny", "students.1.preset=cpu-student-tiny", "data.batch_size=4",
+                 "data.seq_len=64"]
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "profile", *overrides, "--steps", "1"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    busy = float(re.search(r"XLA ops busy (\d+) ms", result.stdout).group(1))
+    parts = {m.group(1).strip(): [float(x) for x in m.groups()[1:]] for m in re.finditer(
+        r"^\|\s+([^|]+?) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+([\d.]+) \|\s+[\d.]+% \|$", result.stdout, re.M)}
+    for part in ("attention: logits, softmax, values", "MoE: routed experts", "SwiGLU: shared expert, dense MLP"):
+        total, forward, backward = parts[part]
+        assert forward > 0 and backward > 0 and abs(total - forward - backward) < 0.2, (part, parts[part])
+    assert abs(sum(total for total, _, _ in parts.values()) - busy) <= 1 + 0.01 * busy
