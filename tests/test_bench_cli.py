@@ -26,14 +26,14 @@ def test_step_benchmark_prints_the_roofline_table():
     assert all(float(rate.replace(",", "")) > 0 for _, rate in rates)
 
 
-def test_profile_attributes_the_step_to_parts_of_the_model():
-    """`distill bench profile` traces a small co-distillation step and attributes XLA's op time to
+def test_breakdown_attributes_the_step_to_parts_of_the_model():
+    """`distill bench breakdown` traces a small co-distillation step and attributes XLA's op time to
     the model's parts through the HLO's stack frames: the attention and the routed experts appear
     with forward and backward time, and the parts add up to the busy time it prints."""
     overrides = ["teacher.model={hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 2, num_hidden_layers: 2}",
                  "students.0.preset=cpu-student-tiny", "students.1.preset=cpu-student-tiny", "data.batch_size=4",
                  "data.seq_len=64"]
-    result = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "profile", *overrides, "--steps", "1"],
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "breakdown", *overrides, "--steps", "1"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     busy = float(re.search(r"XLA ops busy (\d+) ms", result.stdout).group(1))
@@ -43,3 +43,10 @@ def test_profile_attributes_the_step_to_parts_of_the_model():
         total, forward, backward = parts[part]
         assert forward > 0 and backward > 0 and abs(total - forward - backward) < 0.2, (part, parts[part])
     assert abs(sum(total for total, _, _ in parts.values()) - busy) <= 1 + 0.01 * busy
+
+
+def test_no_benchmark_shadows_a_standard_library_module():
+    """The scripts run with experiments/bench first on sys.path: a `profile.py` there broke
+    `import cProfile` inside torch for every other benchmark."""
+    names = {path.stem for path in cli.BENCH_DIR.glob("*.py")}
+    assert names and not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)

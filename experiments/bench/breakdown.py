@@ -1,9 +1,9 @@
 """Where the co-distillation step's time goes: a `jax.profiler` trace of a few compiled steps, with
 every XLA op's exclusive time attributed to the source line that emitted it.
 
-    python experiments/bench/profile.py                       # the quickstart's step, 3 traced steps
-    python experiments/bench/profile.py CONFIG.yaml key=value ... --steps 5 --top 40
-    python experiments/bench/profile.py --trace-dir /tmp/trace  # keep the trace (TensorBoard's profile
+    python experiments/bench/breakdown.py                       # the quickstart's step, 3 traced steps
+    python experiments/bench/breakdown.py CONFIG.yaml key=value ... --steps 5 --top 40
+    python experiments/bench/breakdown.py --trace-dir /tmp/trace  # keep the trace (TensorBoard's profile
                                                                 # plugin or Perfetto can open it)
 
 How: the step is compiled as `distill run` compiles it (`distill.trainer.compiled_step`), run twice
