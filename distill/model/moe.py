@@ -200,10 +200,9 @@ def _tiled_ffn_bwd(tile, residuals, dy_md):
                 drows, acc = carry
                 p = offset + j * size
                 valid = (row_in < n - (p - first))[:, None]  # rows of other experts: masked out
-                x = jnp.where(valid, _slice(padded, p, size), 0)
-                dy = jnp.where(valid, _slice(dy_padded, p, size), 0)
-                dx, *grads = tile_grads(x, dy, _slice(a_pre, p, size), _slice(b_pre, p, size), g, u, dn)
-                return _put(drows, p, dx, valid), tuple(a + b for a, b in zip(acc, grads))
+                x, dy, a, b = (jnp.where(valid, _slice(t, p, size), 0) for t in (padded, dy_padded, a_pre, b_pre))
+                dx, *grads = tile_grads(x, dy, a, b, g, u, dn)
+                return _put(drows, p, dx, valid), tuple(total + new for total, new in zip(acc, grads))
             return run
 
         acc = (jnp.zeros_like(g, f32), jnp.zeros_like(u, f32), jnp.zeros_like(dn, f32))  # keeps shard_map types
