@@ -59,7 +59,7 @@ def parse_stacks(hlo_text: str) -> dict[str, tuple[str, list[tuple[str, str, int
         if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
             current = tables.setdefault(line, {})
         elif current is not None and line.strip():
-            index, rest = line.split(" ", 1)
+            index, _, rest = line.partition(" ")
             if index.isdigit():
                 current[int(index)] = rest
             else:
