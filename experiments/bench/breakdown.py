@@ -146,6 +146,9 @@ def main(argv=None) -> None:
         parser.error("--steps must be at least 1")
 
     cfg = distill.load_config(args.config, args.overrides)
+    # An executable from the persistent compilation cache carries the stack frames of whichever
+    # checkout compiled it first (the cache key leaves source paths out): compile afresh.
+    jax.config.update("jax_enable_compilation_cache", False)
     start = time.perf_counter()
     step = compiled_step(cfg)
     print(f"compiled in {time.perf_counter() - start:.1f} s", flush=True)
