@@ -1,6 +1,6 @@
 """Early fusion on scikit-learn's digits: does the distilled student name the digit better than the control?
 
-    python experiments/results/digits.py --seeds 0 1 2 [--out runs/digits] [extra overrides ...]
+    python experiments/results/digits.py --seeds 0 1 2 [--out runs/digits] [--plot PNG] [extra overrides ...]
 
 Each seed is one `distill run experiments/digits.yaml train.seed=S run.dir=OUT/seed-S` (a completed
 run of the same config is read, not run again). Then every model of the finished run reads every
@@ -9,7 +9,8 @@ validation image and its caption, teacher-forced, and is scored on the digit's n
   next token at every position, i.e. the name that greedy decoding after "this digit is" writes;
 - name bits: the cross-entropy of the name and newline, in bits per image.
 Prints a Markdown table per seed and the mean +- sample std over seeds, with the validation bits
-per byte of the whole caption from the run's summary.
+per byte of the whole caption from the run's summary. `--plot` draws the validation curves (mean over
+seeds) beside each model's digit accuracy (mean +- std, one dot per seed).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
-from seeds import mean_and_spread, run_or_read
+from seeds import mean_and_spread, mean_curve, run_or_read, save_figure
 
 from distill.data import build_data
 from distill.data.digits import name_start
@@ -71,6 +72,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/digits")
     parser.add_argument("--config", default=str(ROOT / "experiments" / "digits.yaml"))
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG", help="also write curves and accuracies here")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for every seed")
     args = parser.parse_args()
     per_seed = {}
@@ -91,7 +93,39 @@ def main() -> int:
     for model in models:
         cells = [fmt.format(*mean_and_spread([per_seed[s][model][key] for s in per_seed])) for key, fmt in formats]
         print(f"| {model} | " + " | ".join(cells) + " |")
+    if args.plot:
+        run_dirs = [Path(args.out) / f"seed-{seed}" for seed in args.seeds]
+        print(f"\nplot: {plot(run_dirs, per_seed, args.plot)}")
     return 0
+
+
+def plot(run_dirs: list[Path], per_seed: dict[int, dict[str, dict[str, float]]], out: Path) -> Path:
+    """Validation bits per byte against the step (mean over the runs) and each model's digit accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(next(iter(per_seed.values())))
+    fig, (curves, accuracy) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for model in models:
+        tag = "eval/teacher/bpb" if model == "teacher" else f"eval/student/{model}/bpb"
+        steps, values = mean_curve(run_dirs, tag)
+        curves.plot(steps, values, marker="o", label=model, linestyle="--" if model == "teacher" else "-")
+    curves.set(xlabel="step", ylabel="validation bits per byte (caption)", yscale="log",
+               title=f"mean of {len(run_dirs)} seeds")
+    curves.legend()
+    for x, model in enumerate(models):
+        values = [100 * scores[model]["accuracy"] for scores in per_seed.values()]
+        mean, spread = mean_and_spread(values)
+        accuracy.bar(x, mean, yerr=spread, capsize=4, color="lightgray", edgecolor="black")
+        accuracy.plot([x] * len(values), values, "o", color="black", markersize=4)
+    accuracy.set_xticks(range(len(models)), models)
+    low = min(100 * s[m]["accuracy"] for s in per_seed.values() for m in models)
+    accuracy.set_ylim(max(0, low - 5), 100)
+    accuracy.set(ylabel="validation digits named, % (mean +- std; dots: seeds)", title="digit accuracy")
+    fig.tight_layout()
+    return save_figure(fig, out)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """An image-and-text co-distillation run end to end: the digits source, vision models, micro-batches,
-evaluation, and the digit-name scoring of experiments/results/digits.py."""
+evaluation, and the digit-name scoring and figure of experiments/results/digits.py."""
 
 from __future__ import annotations
 
@@ -34,3 +34,5 @@ def test_a_digits_run_trains_on_images_and_is_scored(tmp_path):
     assert set(scores) == {"teacher", "distilled", "control"}
     for s in scores.values():
         assert 0 <= s["accuracy"] <= 1 and s["name_bits"] > 0
+    figure = digits.plot([run_dir], {0: scores}, tmp_path / "figures" / "digits.png")
+    assert figure.read_bytes().startswith(b"\x89PNG")
