@@ -1,4 +1,4 @@
-"""The scripts behind docs/results.md: seeds.py, offline.py, cache.py and onpolicy.py."""
+"""The scripts behind docs/results.md: seeds.py, offline.py, cache.py, onpolicy.py and metap.py."""
 
 from __future__ import annotations
 
@@ -107,3 +107,27 @@ def test_onpolicy_script_has_the_teacher_judge_each_students_continuations(tmp_p
     nll = log_z - np.take_along_axis(logits, tokens[:, 8:, None], -1)[..., 0]
     assert float(onpolicy.teacher_bits(teacher, jnp.asarray(tokens), 8)) == pytest.approx(nll.mean() / np.log(2),
                                                                                        rel=1e-5)
+
+
+@pytest.mark.slow
+def test_metap_script_tables_every_seed_and_plots(tmp_path):
+    """Two widths, two learning rates, two seeds, a few steps: the mean +- std table, the best learning
+    rate of each seed from the grid, and the figure. At the base width MetaP is the standard model,
+    so their rows are equal."""
+    lrs = ["0.001", "0.01"]
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "results" / "metap.py"), "--widths", "1", "2",
+                             "--base-width", "32", "--lrs", *lrs, "--steps", "3", "--seq-len", "32", "--batch-size",
+                             "2", "--seeds", "0", "1", "--eval-batches", "1", "--plot", str(tmp_path / "metap.png")],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [(tuple(cell.strip() for cell in line.split("|")[1:3]), [cell.strip() for cell in line.split("|")[3:-1]])
+            for line in result.stdout.splitlines() if line.startswith(("| standard |", "| metap |"))]
+    means = {key: cells for key, cells in rows if "+-" in cells[0]}
+    per_seed = {key: cells for key, cells in rows if "+-" not in cells[0]}
+    assert set(means) == set(per_seed) == {(p, w) for p in ("standard", "metap") for w in ("x1", "x2")}
+    assert means["standard", "x1"] == means["metap", "x1"]
+    for key, cells in means.items():
+        values = [float(cell.split("+-")[0]) for cell in cells[:-1]]
+        assert cells[-1] == lrs[values.index(min(values))], (key, cells)
+    assert all(len(cells) == 2 and set(cells) <= {"0.001", "0.01"} for cells in per_seed.values())
+    assert (tmp_path / "metap.png").read_bytes().startswith(b"\x89PNG")

@@ -8,8 +8,9 @@ cpu-student layer plan: 4 layers, 4 routed experts + a shared one) and each peak
 student trains alone on the built-in corpus (cross-entropy, AdamW with warm-up and cosine decay,
 the run's defaults) for `--steps` steps, twice: with the standard parametrisation (every weight
 initialised with std 0.02, one learning rate) and with MetaP against the m = 1 model
-(`optim.metap_base`, distill/metap.py). Prints the validation loss per (width, learning rate) and
-the best learning rate per width; `--plot` draws both panels. The learning rate enters the
+(`optim.metap_base`, distill/metap.py). Prints the validation loss per (width, learning rate), mean
++- std over the seeds (the model's initialisation; the data order is one), the best learning rate
+of the mean and of each seed; `--plot` draws both panels, mean +- std. The learning rate enters the
 compiled step as an argument, so each (width, parametrisation) compiles once.
 """
 
@@ -28,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from seeds import save_figure
+from seeds import mean_and_spread, save_figure
 
 from distill.config import OptimConfig
 from distill.data import DataConfig, build_data
@@ -53,12 +54,15 @@ def cross_entropy(graph, params, batch):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def train(cfg, base, metap: bool, lrs: list[float], steps: int, seed: int, data, validation) -> list[float]:
-    """Validation loss after `steps` at each peak learning rate (one compile for all of them)."""
-    model = build_model(cfg, seed=seed)
+def train(cfg, base, metap: bool, lrs: list[float], steps: int, seeds: list[int], data, validation
+          ) -> list[list[float]]:
+    """Validation loss after `steps`, per seed (the initialisation) and peak learning rate; one compile
+    for all of them."""
+    models = [build_model(cfg, seed=seed) for seed in seeds]
     if metap:
-        scale_init(model, base)
-    graph, initial = nnx.split(model, nnx.Param)
+        for model in models:
+            scale_init(model, base)
+    graph = nnx.graphdef(models[0])
     # the peak is 1 inside the optimizer; the step multiplies the updates by the learning rate
     tx = make_optimizer(OptimConfig(learning_rate=1.0, warmup_steps=steps // 10), steps,
                         scale_learning_rates(cfg, base) if metap else None)
@@ -71,13 +75,17 @@ def train(cfg, base, metap: bool, lrs: list[float], steps: int, seed: int, data,
 
     evaluate = jax.jit(lambda params, batch: cross_entropy(graph, params, batch))
     results = []
-    for lr in lrs:
-        params, opt_state = initial, tx.init(initial)
-        iterator = data.train_iterator()
-        for _ in range(steps):
-            params, opt_state, _ = step(params, opt_state, next(iterator), jnp.float32(lr))
-        value = statistics.mean(float(evaluate(params, b)) for b in validation)
-        results.append(value if np.isfinite(value) else float("nan"))
+    for model in models:
+        initial = nnx.state(model, nnx.Param)
+        per_lr = []
+        for lr in lrs:
+            params, opt_state = initial, tx.init(initial)
+            iterator = data.train_iterator()
+            for _ in range(steps):
+                params, opt_state, _ = step(params, opt_state, next(iterator), jnp.float32(lr))
+            value = statistics.mean(float(evaluate(params, b)) for b in validation)
+            per_lr.append(value if np.isfinite(value) else float("nan"))
+        results.append(per_lr)
     return results
 
 
@@ -97,21 +105,27 @@ def main() -> int:
                                  max_bytes=8_000_000), seed=0)
     base = widen(1, args.base_width)
     validation = data.validation_batches(args.eval_batches)
-    losses: dict[tuple[str, int], list[float]] = {}
+    losses: dict[tuple[str, int], list[list[float]]] = {}  # (parametrisation, m) -> per seed, per learning rate
     for name, metap in (("standard", False), ("metap", True)):
         for m in args.widths:
             started = time.time()
-            per_seed = [train(widen(m, args.base_width), base, metap, args.lrs, args.steps, seed, data, validation)
-                        for seed in args.seeds]
-            losses[name, m] = [statistics.mean(v) for v in zip(*per_seed)]
+            losses[name, m] = train(widen(m, args.base_width), base, metap, args.lrs, args.steps, args.seeds, data,
+                                    validation)
             print(f"{name} width x{m} (hidden {args.base_width * m}): {time.time() - started:.0f} s", file=sys.stderr,
                   flush=True)
-    print(f"\nValidation loss (nats/byte) after {args.steps} steps, mean of seeds {args.seeds}:\n")
-    print("| parametrisation | width | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | best lr |")
+    best_lr = lambda values: args.lrs[int(np.nanargmin(values))]  # noqa: E731
+    print(f"\nValidation loss (nats/byte) after {args.steps} steps, mean +- std of seeds {args.seeds}:\n")
+    print("| parametrisation | width | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | best lr of the mean |")
     print("|---|---|" + "---|" * (len(args.lrs) + 1))
-    for (name, m), values in losses.items():
-        best = args.lrs[int(np.nanargmin(values))]
-        print(f"| {name} | x{m} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {best:g} |")
+    for (name, m), per_seed in losses.items():
+        cells = [mean_and_spread(list(v)) for v in zip(*per_seed)]
+        print(f"| {name} | x{m} | " + " | ".join(f"{mean:.4f} +- {spread:.4f}" for mean, spread in cells)
+              + f" | {best_lr([mean for mean, _ in cells]):g} |")
+    print("\nBest learning rate per seed:\n")
+    print("| parametrisation | width | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " |")
+    print("|---|---|" + "---|" * len(args.seeds))
+    for (name, m), per_seed in losses.items():
+        print(f"| {name} | x{m} | " + " | ".join(f"{best_lr(values):g}" for values in per_seed) + " |")
     if args.plot:
         print(f"\nplot: {plot(args, losses)}")
     return 0
@@ -126,13 +140,14 @@ def plot(args, losses) -> Path:
     fig, panels = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for axis, name in zip(panels, ("standard", "metap")):
         for m in args.widths:
-            values = losses[name, m]
-            line, = axis.plot(args.lrs, values, marker="o", label=f"hidden {args.base_width * m}")
-            best = int(np.nanargmin(values))
-            axis.plot([args.lrs[best]], [values[best]], "*", markersize=14, color=line.get_color())
+            means, spreads = zip(*(mean_and_spread(list(v)) for v in zip(*losses[name, m])))
+            line = axis.errorbar(args.lrs, means, yerr=spreads, marker="o", capsize=3,
+                                 label=f"hidden {args.base_width * m}").lines[0]
+            best = int(np.nanargmin(means))
+            axis.plot([args.lrs[best]], [means[best]], "*", markersize=14, color=line.get_color())
         axis.set(xscale="log", xlabel="peak learning rate", title=f"{name} parametrisation")
         axis.legend(fontsize=8)
-    panels[0].set_ylabel(f"validation loss after {args.steps} steps (nats/byte)")
+    panels[0].set_ylabel(f"validation loss after {args.steps} steps (nats/byte; mean +- std of {len(args.seeds)} seeds)")
     fig.tight_layout()
     return save_figure(fig, args.plot)
 
