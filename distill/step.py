@@ -290,21 +290,59 @@ def _sum_over_micro(tree):
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
 
 
+def _shares(tokens: jax.Array) -> jax.Array:
+    """Each micro-batch's share of the step's tokens."""
+    return tokens / jnp.maximum(jnp.sum(tokens), 1.0)
+
+
+def _data_tokens(mask: jax.Array) -> jax.Array:
+    """[grad_accum]: the unmasked data tokens of each micro-batch."""
+    return jnp.sum(mask, axis=tuple(range(1, mask.ndim)))
+
+
+def _writes(sp: StudentPlan, student_step) -> jax.Array | bool:
+    """Whether the student writes its on-policy rows at this step (off-policy before start_step)."""
+    if not sp.on_policy_rows or not sp.loss.on_policy.start_step:
+        return bool(sp.on_policy_rows)
+    return student_step >= sp.loss.on_policy.start_step
+
+
+# The rows a student's logged token mean runs over, when they are not all of them: an on-policy
+# student's written rows or its data rows (the rest run over both, as its loss does).
+_ROWS_OF_METRIC = {"on_policy_kd": "written", "on_policy_teacher_nll": "written", "on_policy_writing": "written",
+                   **dict.fromkeys(("accuracy", "ce", "kd", "alpha", "teacher_wrong_frac"), "data")}
+
+
+def _student_shares(sp: StudentPlan, mask: jax.Array, writing) -> dict[str, jax.Array]:
+    """Each micro-batch's share of the tokens the student trains on ("all": what weighs its
+    gradients), of its written tokens and of its data rows' tokens. Written rows count the tokens
+    the student sampled, `seq + 1 - prompt_tokens` each (the mask `distill.onpolicy.student_rows`
+    gives them), whatever the data rows they replace held; every micro-batch writes as many."""
+    n = sp.on_policy_rows
+    data_rows = _data_tokens(mask[:, n:])
+    written = n * (mask.shape[-1] + 1 - sp.loss.on_policy.prompt_tokens)
+    return {"all": _shares(jnp.where(writing, written + data_rows, _data_tokens(mask))), "data": _shares(data_rows),
+            "written": _shares(jnp.ones_like(data_rows))}
+
+
 def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students: bool = True,
                student_step_offset: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step of the teacher (if it trains) and, `with_students`, of every student.
 
     `batch` holds the global batch as micro-batches `[grad_accum, rows, seq]`. Each micro-batch's
-    gradients and metrics are weighted by its share of the unmasked tokens, so accumulation equals
-    one step on the whole batch (for the token-mean losses). `student_step_offset` (the teacher warm-up) is subtracted from the
+    gradients and metrics are weighted by its share of the tokens a model trains on (an on-policy
+    student's written rows count their sampled tokens), so accumulation equals one step on the
+    whole batch (for the token-mean losses). `student_step_offset` (the teacher warm-up) is subtracted from the
     step for the students' weighting schedules.
     """
     teacher_trains = plan.teacher_tx is not None
     students = plan.students if with_students else ()
     student_step = state.step - student_step_offset
 
+    writing = [_writes(sp, student_step) for sp in students]
+
     def micro(carry, xs):
-        mb, weight, micro_index = xs  # weight: this micro-batch's share of the step's tokens
+        mb, weight, student_shares, micro_index = xs  # each model's share of its step's tokens in this one
         teacher_grads, student_grads = carry
         if plan.teacher_graph is None:
             t_logits = t_router = t_counts = None
@@ -332,23 +370,24 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         judgement = _teacher_judgement(target_logits, mb) if filtering else None
         new_student_grads, student_metrics, student_logits, row_scores, written = [], [], [], [], []
         for i, (sp, s_state, acc) in enumerate(zip(students, state.students, student_grads)):
-            s_batch, s_target, s_router, writing = mb, target_logits, target_router, True
+            s_batch, s_target, s_router = mb, target_logits, target_router
             if sp.on_policy_rows:
                 key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), state.step),
                                          micro_index * len(students) + i)
                 write = lambda sp=sp, s_state=s_state, key=key: _with_student_rows(  # noqa: E731
                     plan, state, sp, s_state.params, mb, target_logits, target_router, key)
                 if sp.loss.on_policy.start_step:  # off-policy (no sampling at all) before it
-                    writing = student_step >= sp.loss.on_policy.start_step
                     s_batch, s_target, s_router = jax.lax.cond(
-                        writing, write, lambda: (mb, target_logits, target_router))
+                        writing[i], write, lambda: (mb, target_logits, target_router))
                 else:
                     s_batch, s_target, s_router = write()
             grad_fn = jax.value_and_grad(_student_loss, has_aux=True)
             (_, (metrics, load, logits, scores)), grads = grad_fn(
-                s_state.params, sp, s_batch, s_target, s_router, student_step, judgement, writing)
-            new_student_grads.append(jax.tree.map(lambda a, g: a + weight * g, acc, grads))
-            student_metrics.append((metrics, load))
+                s_state.params, sp, s_batch, s_target, s_router, student_step, judgement, writing[i])
+            shares = student_shares[i]
+            new_student_grads.append(jax.tree.map(lambda a, g: a + shares["all"] * g, acc, grads))
+            student_metrics.append(({k: shares[_ROWS_OF_METRIC.get(k, "all")] * v for k, v in metrics.items()},
+                                    shares["all"] * load))
             student_logits.append(logits)
             row_scores.append(scores)
             written.append(jnp.append(s_batch["tokens"][0], s_batch["labels"][0, -1]) if sp.on_policy_rows else None)
@@ -370,17 +409,17 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
             t_metrics.update(loss_metrics)
         elif t_logits is not None:
             t_metrics["ce"] = losses.token_mean(losses.cross_entropy(t_logits, mb["labels"], mask=mask), mask)
-        weigh = lambda tree: jax.tree.map(lambda x: weight * x, tree)  # noqa: E731
         return ((teacher_grads, tuple(new_student_grads)),
-                (weigh((t_metrics, teacher_load, tuple(student_metrics))), tuple(row_scores), tuple(written)))
+                (jax.tree.map(lambda x: weight * x, (t_metrics, teacher_load)) + (tuple(student_metrics),),
+                 tuple(row_scores), tuple(written)))
 
     zeros = lambda params: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
     init = (zeros(state.teacher.params) if teacher_trains else None,
             tuple(zeros(s.params) for s in state.students[:len(students)]))
-    tokens = jnp.sum(batch["mask"], axis=tuple(range(1, batch["mask"].ndim)))
-    weights = tokens / jnp.maximum(jnp.sum(tokens), 1.0)
+    weights = _shares(_data_tokens(batch["mask"]))
+    student_shares = tuple(_student_shares(sp, batch["mask"], w) for sp, w in zip(students, writing))
     (teacher_grads, student_grads), ((t_metrics, t_load, s_metrics), s_row_scores, s_written) = jax.lax.scan(
-        micro, init, (batch, weights, jnp.arange(batch["mask"].shape[0])))
+        micro, init, (batch, weights, student_shares, jnp.arange(batch["mask"].shape[0])))
     if plan.debug_nonfinite_step is not None:
         poison = jnp.where(state.step + 1 == plan.debug_nonfinite_step, jnp.nan, 1.0)
         teacher_grads, student_grads = jax.tree.map(lambda g: g * poison, (teacher_grads, student_grads))

@@ -34,21 +34,29 @@ def _greedy_rows(model, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-def test_student_trains_on_its_own_greedy_rows_scored_by_the_teacher():
+@pytest.mark.parametrize("accumulation", [{}, {"train.grad_accum": 2, "data.batch_size": 8}],
+                         ids=["one micro-batch", "two micro-batches"])
+def test_student_trains_on_its_own_greedy_rows_scored_by_the_teacher(accumulation):
     """With temperature 0 and a = 1, the on-policy step equals a plain KD step on a batch whose
-    first half is the student's greedy continuations (built here without the KV cache), masked to
-    the written tokens; the logged teacher NLL of those tokens is the float64 one."""
-    _, models, plan, state, batch = setup(**GREEDY)
+    first rows of every micro-batch are the student's greedy continuations (built here without the
+    KV cache), masked to the written tokens; the logged teacher NLL of those tokens is the float64
+    one. With two micro-batches whose data rows hold different numbers of tokens (a masked
+    stretch), accumulation weighs each by the tokens the student trains on in it, as the plain step does."""
+    _, models, plan, state, batch = setup(**GREEDY, **accumulation)
     assert plan.students[0].on_policy_rows == 2 and plan.students[1].on_policy_rows == 0  # the control: none
-    new_state, metrics = step(plan, state, batch)
+    micro_batches, _, seq = batch["tokens"].shape
+    batch = {k: np.array(v) for k, v in batch.items()}
+    batch["mask"][-1, 2:, :-4] = 0  # 4 data tokens a row in the last micro-batch's data rows
+    new_state, metrics = step(plan, state, {k: jnp.asarray(v) for k, v in batch.items()})
 
-    written = _greedy_rows(models.students[0], np.asarray(batch["tokens"][0, :2]))
-    seq = batch["tokens"].shape[2]
     mixed = {k: np.array(v) for k, v in batch.items()}
-    mixed["tokens"][0, :2], mixed["labels"][0, :2] = written[:, :-1], written[:, 1:]
-    mixed["mask"][0, :2] = (np.arange(seq) >= PROMPT - 1)[None]
-    mixed["positions"][0, :2], mixed["segment_ids"][0, :2] = np.arange(seq)[None], 0
-    _, _, plain_plan, plain_state, _ = setup(**{**GREEDY, "students.0.loss": "{weighting: {alpha: 1.0}}"})
+    written = [_greedy_rows(models.students[0], batch["tokens"][j, :2]) for j in range(micro_batches)]
+    for j, rows in enumerate(written):
+        mixed["tokens"][j, :2], mixed["labels"][j, :2] = rows[:, :-1], rows[:, 1:]
+        mixed["mask"][j, :2] = (np.arange(seq) >= PROMPT - 1)[None]
+        mixed["positions"][j, :2], mixed["segment_ids"][j, :2] = np.arange(seq)[None], 0
+    _, _, plain_plan, plain_state, _ = setup(**{**GREEDY, **accumulation,
+                                                "students.0.loss": "{weighting: {alpha: 1.0}}"})
     plain_state, plain = step(plain_plan, plain_state, {k: jnp.asarray(v) for k, v in mixed.items()})
 
     for key in ("loss", "grad_norm", "load_balance"):
@@ -56,8 +64,9 @@ def test_student_trains_on_its_own_greedy_rows_scored_by_the_teacher():
     for a, b in zip(leaves(new_state.students[0].params), leaves(plain_state.students[0].params), strict=True):
         np.testing.assert_allclose(a, b, atol=5e-5)  # Adam's first update is ~lr * sign(g): 3e-3 where g ~ 0
 
-    t_logits = np.asarray(models.teacher(jnp.asarray(written[:, :-1])).logits, np.float64)[:, PROMPT - 1:]
-    labels = written[:, PROMPT:]
+    rows = np.concatenate(written)
+    t_logits = np.asarray(models.teacher(jnp.asarray(rows[:, :-1])).logits, np.float64)[:, PROMPT - 1:]
+    labels = rows[:, PROMPT:]
     log_z = np.log(np.exp(t_logits - t_logits.max(-1, keepdims=True)).sum(-1)) + t_logits.max(-1)
     nll = log_z - np.take_along_axis(t_logits, labels[..., None], -1)[..., 0]
     assert float(metrics["student/distilled/on_policy_teacher_nll"]) == pytest.approx(nll.mean(), rel=1e-5)
