@@ -63,6 +63,70 @@ def restore_state(run_dir: str | Path, *, mesh: MeshConfig | None = None, step: 
     return cfg, plan, state, step
 
 
+def restore_teacher_params(run_dir: str | Path, target, step: int | None = None):
+    """The teacher parameters of a run's latest (or given) checkpoint as an `nnx.State` shaped like
+    `target`, whose leaves are `jax.ShapeDtypeStruct`s with a sharding: each array is read straight
+    into its shards on their devices, in the target's dtype. Nothing else of the checkpoint (the
+    students, the optimizer moments) is read, and no process holds a whole model it does not need."""
+    import jax
+
+    where = f"teacher.path={str(run_dir)!r}"
+    item = {"teacher": {"params": jax.tree.map(lambda leaf: {"value": leaf}, nnx.to_pure_dict(target))}}
+    step = check_teacher_checkpoint(run_dir, target, step)
+    with _teacher_checkpoints(run_dir) as manager:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+        except (KeyError, ValueError) as error:
+            raise ConfigError(f"{where}: its checkpoint's teacher does not match teacher.model ({error})") from None
+    params = jax.tree.map(lambda leaf: leaf, target)
+    nnx.replace_by_pure_dict(params, _strip_value_keys(restored.state["teacher"]["params"]))
+    return params
+
+
+def _teacher_checkpoints(run_dir: str | Path) -> ocp.CheckpointManager:
+    directory = (Path(run_dir) / "checkpoints").absolute()
+    if not directory.is_dir():
+        raise ConfigError(f"teacher.path={str(run_dir)!r}: the run has no checkpoints/ directory")
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+
+
+def check_teacher_checkpoint(run_dir: str | Path, target, step: int | None = None) -> int:
+    """The step of a run's latest (or given) checkpoint, after checking from its metadata alone
+    that it holds a teacher of `target`'s shapes: ConfigError naming the first arrays it lacks or
+    holds in another shape (a damaged checkpoint, whose metadata does not read, is left to the
+    restore)."""
+    where = f"teacher.path={str(run_dir)!r}"
+    with _teacher_checkpoints(run_dir) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{where}: the run has no checkpoint yet")
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(Path(run_dir).absolute() / "checkpoints" / str(step) / "state")
+        saved = _shapes_by_path(getattr(metadata, "item_metadata", metadata)["teacher"]["params"])
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports the damage
+        return step
+    needed = _shapes_by_path(nnx.to_pure_dict(target))
+    missing = [path for path in needed if path not in saved]
+    other = [f"{path} {needed[path]} (saved {saved[path]})" for path in needed
+             if path in saved and needed[path] != saved[path]]
+    if missing or other:
+        first = lambda paths: ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")  # noqa: E731
+        raise ConfigError(f"{where}: its checkpoint's teacher does not match teacher.model: "
+                          + "; ".join(filter(None, [missing and f"it has no {first(missing)}",
+                                                    other and f"other shapes: {first(other)}"]))
+                          + ". Leave teacher.model's architecture to that run's config")
+    return step
+
+
+def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+    """'groups.0.layers.1.attention.q' -> shape, for a nested dict of arrays (the 'value' level dropped)."""
+    import jax
+
+    return {".".join(str(getattr(key, "key", key)) for key in path if getattr(key, "key", None) != "value"):
+            tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def _strip_value_keys(tree):
     """orbax restores nnx.State leaves as {'value': array}; pure dicts hold the arrays themselves
     (as JAX arrays: a model holding numpy arrays cannot be called outside jit)."""

@@ -22,11 +22,12 @@ from distill.data.packing import BATCH_KEYS
 from distill.guards import RunLock, StopSignals
 from distill.logging import RunLogger
 from distill.metap import base_config, scale_init, scale_learning_rates
-from distill.model import ConfigError, build_model
+from distill.model import ConfigError, Transformer, build_model
 from distill.model.sharding import ShardingContext
 from distill.parallel import (batch_sharding, check_batch_divides, global_batch, initialize_distributed, make_mesh,
                               opt_state_shardings, param_shardings, process_row_block, replicated)
 from distill.progress import Progress
+from distill.runs import check_teacher_checkpoint, restore_teacher_params
 from distill.step import ModelState, StepPlan, StudentPlan, TrainState, eval_metrics, eval_step, make_optimizer, \
     train_step
 from student import init_from_teacher
@@ -40,15 +41,17 @@ class Models:
     students: list
 
 
-def _build_models(cfg: Config, *, abstract: bool = False) -> Models:
-    """The teacher and students with their initial weights; `abstract`: their shapes only."""
+def _build_models(cfg: Config, *, abstract: bool = False, teacher: Transformer | None = None) -> Models:
+    """The teacher and students with their initial weights; `abstract`: their shapes only;
+    `teacher`: this one instead of loading the configured one."""
     seed = cfg.train.seed
     cached = cfg.teacher.source == "cache"
     if abstract:
         shape_of = lambda model_cfg: nnx.eval_shape(lambda: build_model(model_cfg, seed=seed))  # noqa: E731
         return Models(None if cached else shape_of(cfg.teacher_model()),
                       [shape_of(cfg.student_model(i)) for i in range(len(cfg.students))])
-    teacher = None if cached else load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
+    if teacher is None and not cached:
+        teacher = load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), seed)
     teacher_base = base_config(cfg.teacher_model(), (cfg.teacher.optim or cfg.optim).metap_base,
                                "teacher.optim.metap_base")
     if teacher_base and cfg.teacher.source == "scratch":
@@ -192,13 +195,22 @@ def compiled_step(cfg: Config, *, with_students: bool = True):
 
 def initial_state(cfg: Config) -> TrainState:
     """The state a fresh run of `cfg` starts from, placed on its mesh (benchmarks, notebooks)."""
-    plan, _, state_sharding, _, _ = _step_placement(cfg)
-    return _placed_initial_state(cfg, plan, state_sharding)
+    plan, shapes, state_sharding, _, _ = _step_placement(cfg)
+    return _placed_initial_state(cfg, plan, shapes, state_sharding)
 
 
-def _placed_initial_state(cfg: Config, plan: StepPlan, state_sharding) -> TrainState:
-    if cfg.teacher.source in ("scratch", "cache"):  # initialise straight into the shardings: no device holds a whole model
+def _placed_initial_state(cfg: Config, plan: StepPlan, shapes: TrainState, state_sharding) -> TrainState:
+    """The initial state built in its shardings: no device (and, but for a teacher from a HF
+    directory or one a student copies, no host) holds a whole model."""
+    if cfg.teacher.source in ("scratch", "cache"):
         return jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
+    if cfg.teacher.source == "run" and not any(s.init == "teacher" for s in cfg.students):
+        # the other run's teacher read shard by shard into its place; everything else initialised there
+        target = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                              shapes.teacher.params, state_sharding.teacher.params)
+        teacher_params = restore_teacher_params(cfg.teacher.path, target)
+        return jax.jit(lambda params: _initial_state(plan, _build_models(cfg, teacher=nnx.merge(
+            plan.teacher_graph, params))), out_shardings=state_sharding)(teacher_params)
     return jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)  # a loaded teacher: host arrays
 
 
@@ -430,9 +442,11 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     saved = committed_steps(cfg.run.path / "checkpoints")
     if on_changed_config == "resume" and saved:  # before the run directory changes
         check_shapes(cfg.run.path / "checkpoints" / str(saved[-1]), shapes)
+    if cfg.teacher.source == "run":  # likewise: a teacher.model the other run's checkpoint cannot fill
+        check_teacher_checkpoint(cfg.teacher.path, shapes.teacher.params)
     run_dir, existing, lock = _prepare_run_dir(cfg, on_changed_config)  # once the config places on this mesh
     try:
-        state = _placed_initial_state(cfg, plan, state_sharding)
+        state = _placed_initial_state(cfg, plan, shapes, state_sharding)
         warmup = cfg.teacher_warmup()
         full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
         teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None

@@ -11,11 +11,17 @@ from distill.model import ConfigError, ModelConfig, Transformer, build_model
 
 
 def teacher_from_run(run_dir: str | Path, cfg: ModelConfig) -> Transformer:
-    """The teacher of another run, from its latest checkpoint."""
-    from distill.runs import checkpoint_tree, model_with_params
+    """The teacher of another run, from its latest checkpoint, on the default device (the
+    trainer reads it into its shardings instead, unless a student copies it)."""
+    import jax
+    from flax import nnx
 
-    _, tree = checkpoint_tree(run_dir)
-    return model_with_params(cfg, tree["teacher"]["params"], f"teacher.path={str(run_dir)!r}")
+    from distill.runs import restore_teacher_params
+
+    graph, shapes = nnx.split(nnx.eval_shape(lambda: build_model(cfg)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), shapes)
+    return nnx.merge(graph, restore_teacher_params(run_dir, target))
 
 
 def teacher_model_config(source: str, path: str | None, preset: str | None, overrides: dict) -> ModelConfig:

@@ -1,0 +1,125 @@
+"""A teacher from another run (`teacher.source: run`): its parameters are read from that run's
+checkpoint straight into the teacher's shardings and dtype, nothing else of the checkpoint is
+read, and a teacher.model that does not fit the checkpoint is refused before anything is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import distill
+import distill.trainer
+from distill.model import ConfigError
+from distill.runs import checkpoint_tree
+
+SHARDED = Path(__file__).parents[1] / "engine" / "sharded.yaml"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """A teacher trained alone for 2 steps on one device."""
+    run_dir = tmp_path_factory.mktemp("source") / "run"
+    distill.run(distill.load_config(SHARDED, [f"run.dir={run_dir}", "train.steps=2", "teacher.warmup_steps=2",
+                                              "train.eval_every=2"], students=[]))
+    return run_dir
+
+
+def from_run(source: Path, *overrides: str):
+    return distill.load_config(SHARDED, ["teacher.source=run", f"teacher.path={source}", "teacher.model={}",
+                                         "teacher.warmup_steps=0", *overrides])
+
+
+def saved_teacher(source: Path) -> list[np.ndarray]:
+    """The source's teacher parameters read the old way (the whole checkpoint, on the host), in the
+    leaf order of an nnx.State (numeric keys in numeric order)."""
+    from distill.runs import model_with_params
+    from flax import nnx
+
+    cfg = distill.load_config(source / "config.yaml")
+    model = model_with_params(cfg.teacher_model(), checkpoint_tree(source)[1]["teacher"]["params"], "source")
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+WORKER = """
+import json, sys
+import jax, numpy as np
+import distill, distill.trainer
+from distill.trainer import initial_state, state_shardings, _step_placement
+source, saved = sys.argv[1], sys.argv[2]
+overrides = ["teacher.source=run", f"teacher.path={source}", "teacher.model={}", "teacher.warmup_steps=0",
+             "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]
+cfg = distill.load_config(sys.argv[3], overrides)
+def no_host_teacher(*args, **kwargs):
+    raise AssertionError("the teacher was loaded on the host")
+load_teacher, distill.trainer.load_teacher = distill.trainer.load_teacher, no_host_teacher
+state = initial_state(cfg)
+distill.trainer.load_teacher = load_teacher
+_, _, shardings, _, _ = _step_placement(cfg)
+params, expected = jax.tree.leaves(state.teacher.params), jax.tree.leaves(shardings.teacher.params)
+saved = np.load(saved)
+same = [bool(np.array_equal(np.asarray(p), saved[f"a{i}"])) for i, p in enumerate(params)]
+placed = [p.sharding.is_equivalent_to(s, p.ndim) for p, s in zip(params, expected, strict=True)]
+split = sum(len(p.addressable_shards) > 1 and p.addressable_shards[0].data.shape != p.shape for p in params)
+scratch = initial_state(distill.load_config(sys.argv[3], ["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]))
+students = all(np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b in zip(jax.tree.leaves(state.students), jax.tree.leaves(scratch.students), strict=True))
+print(json.dumps({"same": all(same), "placed": all(placed), "split": split, "leaves": len(params),
+                  "students": students, "devices": len(jax.devices())}))
+"""
+
+
+def test_a_run_teacher_is_read_into_its_shardings_on_a_mesh(source, tmp_path):
+    """8 simulated devices, data x fsdp x expert: the teacher's arrays hold the saved values, each
+    in the sharding the rules give it (split ones included), without a host copy of the teacher;
+    the students start as they would with any teacher."""
+    saved = tmp_path / "saved.npz"
+    np.savez(saved, **{f"a{i}": a for i, a in enumerate(saved_teacher(source))})
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    result = subprocess.run([sys.executable, "-c", WORKER, str(source), str(saved), str(SHARDED)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["devices"] == 8 and report["same"] and report["placed"] and report["students"], report
+    assert report["split"] >= report["leaves"] // 2, report  # most of the teacher is split over devices
+
+
+def test_the_teacher_is_read_in_this_runs_parameter_dtype(source, monkeypatch):
+    """`teacher.model.param_dtype: bfloat16` over a float32 checkpoint: the saved values, rounded."""
+    monkeypatch.setattr(distill.trainer, "load_teacher", lambda *a, **k: pytest.fail("a host teacher was loaded"))
+    state = distill.trainer.initial_state(from_run(source, "teacher.model={param_dtype: bfloat16}"))
+    params = jax.tree.leaves(state.teacher.params)
+    assert {p.dtype for p in params} == {jnp.dtype(jnp.bfloat16)}
+    for got, saved in zip(params, saved_teacher(source), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.asarray(saved).astype(jnp.bfloat16)))
+
+
+def test_a_student_copying_the_teacher_reads_it_on_the_host(source):
+    """`init: teacher` needs the teacher as a model: the host path, with the same values."""
+    teacher_shape = ("{vocab_size: 256, hidden_size: 32, intermediate_size: 32, intermediate_size_mlp: 64, "
+                     "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, num_local_experts: 4, "
+                     "interleave_moe_layer_step: 2, no_rope_layer_interval: 2, attention_chunk_size: 8, floor_scale: 8}")
+    state = distill.trainer.initial_state(from_run(source, "students.0.init=teacher", f"students.0.model={teacher_shape}"))
+    for got, saved in zip(jax.tree.leaves(state.teacher.params), saved_teacher(source), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), saved)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("teacher.model={hidden_size: 64}", r"other shapes: embed \(256, 64\) \(saved \(256, 32\)\)"),
+    ("teacher.model={num_hidden_layers: 3}", r"it has no tail\.layers\.0\."),
+])
+def test_a_teacher_model_that_does_not_fit_the_checkpoint_is_refused(source, tmp_path, override, message):
+    """From the checkpoint's metadata, before the run directory is made (a corrected config must
+    not then meet a config.yaml of the refused one)."""
+    cfg = from_run(source, override, f"run.dir={tmp_path / 'run'}")
+    with pytest.raises(ConfigError, match=rf"teacher.path='{source}': its checkpoint's teacher does not match "
+                                          rf"teacher.model: .*{message}"):
+        distill.run(cfg)
+    assert not (tmp_path / "run").exists()
