@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from distill import cli
 
@@ -50,3 +53,21 @@ def test_no_benchmark_shadows_a_standard_library_module():
     `import cProfile` inside torch for every other benchmark."""
     names = {path.stem for path in cli.BENCH_DIR.glob("*.py")}
     assert names and not names & set(sys.stdlib_module_names), names & set(sys.stdlib_module_names)
+
+
+@pytest.mark.slow
+def test_teacher_load_benchmark_tables_both_ways_of_reading_a_teacher(tmp_path):
+    """On a tiny finished run: the floor, the whole checkpoint and the teacher alone, each timed."""
+    import distill
+
+    run_dir = tmp_path / "run"
+    distill.run(distill.load_config(Path(__file__).parent / "engine" / "tiny.yaml",
+                                    [f"run.dir={run_dir}", "train.steps=2", "teacher.warmup_steps=0"]))
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "teacher_load", str(run_dir), "--repeats",
+                             "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = dict(re.findall(r"^\|\s+(imports|whole checkpoint|teacher only) \|\s+([-\d.]+) \|", result.stdout, re.M))
+    assert rows["imports"] == "-" and float(rows["whole checkpoint"]) > 0 and float(rows["teacher only"]) > 0, rows
+    bad = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "teacher_load", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "no checkpoints/ directory" in bad.stderr
