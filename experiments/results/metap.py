@@ -145,9 +145,10 @@ def plot(args, losses) -> Path:
                                  label=f"hidden {args.base_width * m}").lines[0]
             best = int(np.nanargmin(means))
             axis.plot([args.lrs[best]], [means[best]], "*", markersize=14, color=line.get_color())
-        axis.set(xscale="log", xlabel="peak learning rate", title=f"{name} parametrisation")
+        axis.set(xscale="log", xlabel="peak learning rate",
+                 title=f"{name} parametrisation (mean +- std of {len(args.seeds)} seeds)")
         axis.legend(fontsize=8)
-    panels[0].set_ylabel(f"validation loss after {args.steps} steps (nats/byte; mean +- std of {len(args.seeds)} seeds)")
+    panels[0].set_ylabel(f"validation loss after {args.steps} steps (nats/byte)")
     fig.tight_layout()
     return save_figure(fig, args.plot)
 
