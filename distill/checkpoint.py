@@ -134,8 +134,3 @@ def committed_steps(directory: Path) -> list[int]:
 
 def _signature(array) -> tuple[tuple[int, ...], str]:
     return tuple(array.shape), str(array.dtype)
-
-
-def abstract_like(state):
-    """Shape/dtype/sharding structs of a live state: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state)

@@ -15,7 +15,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.checkpoint import CheckpointWriteError, Checkpoints, abstract_like, check_shapes, committed_steps
+from distill.checkpoint import CheckpointWriteError, Checkpoints, check_shapes, committed_steps
 from distill.config import Config, build_config, save_config
 from distill.data import build_data
 from distill.data.packing import BATCH_KEYS
@@ -442,24 +442,27 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     saved = committed_steps(cfg.run.path / "checkpoints")
     if on_changed_config == "resume" and saved:  # before the run directory changes
         check_shapes(cfg.run.path / "checkpoints" / str(saved[-1]), shapes)
-    if cfg.teacher.source == "run":  # likewise: a teacher.model the other run's checkpoint cannot fill
-        check_teacher_checkpoint(cfg.teacher.path, shapes.teacher.params)
+    if cfg.teacher.source == "run" and (not saved or on_changed_config == "new"):  # a fresh start reads it:
+        check_teacher_checkpoint(cfg.teacher.path, shapes.teacher.params)      # refuse a misfit teacher.model now
     run_dir, existing, lock = _prepare_run_dir(cfg, on_changed_config)  # once the config places on this mesh
     try:
-        state = _placed_initial_state(cfg, plan, shapes, state_sharding)
+        # a resumed run reads its checkpoint into these; only a fresh one builds (or loads) its models
+        target = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                              shapes, state_sharding)
+        start_state = (target, lambda: _placed_initial_state(cfg, plan, shapes, state_sharding))
         warmup = cfg.teacher_warmup()
         full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
         teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
         eval_sharding = batch_sharding(mesh, rules)
         evaluate = jax.jit(lambda s, b: eval_step(plan, s, b), in_shardings=(state_sharding, eval_sharding))
-        return _loop(cfg, run_dir, existing, state, (data, cache), plan, (full_step, teacher_step, evaluate),
+        return _loop(cfg, run_dir, existing, start_state, (data, cache), plan, (full_step, teacher_step, evaluate),
                      (micro_sharding, micro_shape, rows, eval_sharding), stop_after, started)
     finally:
         if lock:
             lock.release()
 
 
-def _loop(cfg, run_dir, existing, state, sources, plan, compiled, placement, stop_after, started) -> dict:
+def _loop(cfg, run_dir, existing, start_state, sources, plan, compiled, placement, stop_after, started) -> dict:
     data, cache = sources  # the batches, and a cached teacher's entries for them (or None)
     full_step, teacher_step, evaluate = compiled
     micro_sharding, micro_shape, rows, eval_sharding = placement
@@ -473,11 +476,14 @@ def _loop(cfg, run_dir, existing, state, sources, plan, compiled, placement, sto
         """The batch, with a cached teacher's entries for it."""
         return {**batch, **cache.entries(split, index, batch["tokens"], *shard)} if cache else batch
     start = 0
-    restored = checkpoints.restore_latest(abstract_like(state)) if existing else None
+    target, fresh_state = start_state  # the checkpoint's abstract state, and how to build a new one
+    restored = checkpoints.restore_latest(target) if existing else None
     if restored is not None:
         state, meta = restored
         iterator.restore(meta["data"])
         start = int(meta["step"])
+    else:
+        state = fresh_state()
     eval_shape = (cfg.data.batch_size, cfg.data.seq_len)
     eval_rows = process_row_block(eval_sharding, eval_shape, 0, jax.process_index())
     eval_per_process = eval_rows.stop - eval_rows.start

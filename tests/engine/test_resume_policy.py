@@ -89,3 +89,15 @@ def test_a_run_written_before_an_option_existed_is_the_same_config(finished):
     written["loss"]["option_of_another_version"] = 1
     (finished / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
     assert finished_summary(cfg) is None
+
+
+def test_a_resumed_run_reads_its_checkpoint_without_building_its_models(finished, monkeypatch):
+    """The checkpoint is read straight into the state's shardings: no model is initialised, and no
+    teacher loaded, only to be overwritten (a teacher from a HF directory was converted again on
+    every resume)."""
+    import distill.trainer
+
+    monkeypatch.setattr(distill.trainer, "_placed_initial_state", lambda *args: pytest.fail("models built to resume"))
+    summary = distill.run(tiny(finished, "train.steps=6"), on_changed_config="resume")
+    assert summary["status"] == "completed"
+    assert [row["step"] for row in read_metrics_jsonl(finished) if "student/distilled/loss" in row][-1] == 6
