@@ -134,3 +134,10 @@ def committed_steps(directory: Path) -> list[int]:
 
 def _signature(array) -> tuple[tuple[int, ...], str]:
     return tuple(array.shape), str(array.dtype)
+
+
+def restore_target(shapes, shardings):
+    """What a restore reads into: `shapes`' shapes and dtypes (`jax.eval_shape` structs) placed as
+    `shardings` (a tree of the same structure) says."""
+    return jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes,
+                        shardings)

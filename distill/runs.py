@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 from flax import nnx
 
+from distill.checkpoint import restore_target
 from distill.config import Config, MeshConfig, build_config
 from distill.model import ConfigError, Transformer, build_model
 
@@ -21,15 +24,23 @@ def run_config(run_dir: str | Path) -> Config:
     return build_config(yaml.safe_load(config_file.read_text()))
 
 
-def checkpoint_tree(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
-    """(step, the saved state as nested dicts of numpy arrays) of the latest (or given) checkpoint."""
+@contextlib.contextmanager
+def _checkpoint_at(run_dir: str | Path, step: int | None, where: str):
+    """(a read-only manager of the run's checkpoints, the latest step or `step`); a ConfigError
+    that starts with `where` when the run has none."""
     directory = (Path(run_dir) / "checkpoints").absolute()
     if not directory.is_dir():
-        raise ConfigError(f"{run_dir}: the run has no checkpoints/ directory")
+        raise ConfigError(f"{where}: the run has no checkpoints/ directory")
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:
-            raise ConfigError(f"{run_dir}: the run has no checkpoint yet")
+            raise ConfigError(f"{where}: the run has no checkpoint yet")
+        yield manager, step
+
+
+def checkpoint_tree(run_dir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, the saved state as nested dicts of numpy arrays) of the latest (or given) checkpoint."""
+    with _checkpoint_at(run_dir, step, str(run_dir)) as (manager, step):
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return step, restored.state
 
@@ -41,8 +52,6 @@ def restore_state(run_dir: str | Path, *, mesh: MeshConfig | None = None, step: 
     Returns (config, step plan, TrainState, step); each array lands on its devices as the
     model's rules say, without passing through one device.
     """
-    import jax
-
     from distill.parallel import make_mesh
     from distill.trainer import _build_models, _plan, abstract_state, state_shardings
 
@@ -52,13 +61,8 @@ def restore_state(run_dir: str | Path, *, mesh: MeshConfig | None = None, step: 
     models = _build_models(cfg, abstract=True)
     plan = _plan(cfg, models, make_mesh(cfg.mesh))
     shapes = abstract_state(plan, models)
-    target = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                          shapes, state_shardings(plan, shapes))
-    directory = (Path(run_dir) / "checkpoints").absolute()
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{run_dir}: the run has no checkpoint yet")
+    target = restore_target(shapes, state_shardings(plan, shapes))
+    with _checkpoint_at(run_dir, step, str(run_dir)) as (manager, step):
         state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     return cfg, plan, state, step
 
@@ -68,12 +72,9 @@ def restore_teacher_params(run_dir: str | Path, target, step: int | None = None)
     `target`, whose leaves are `jax.ShapeDtypeStruct`s with a sharding: each array is read straight
     into its shards on their devices, in the target's dtype. Nothing else of the checkpoint (the
     students, the optimizer moments) is read, and no process holds a whole model it does not need."""
-    import jax
-
     where = f"teacher.path={str(run_dir)!r}"
     item = {"teacher": {"params": jax.tree.map(lambda leaf: {"value": leaf}, nnx.to_pure_dict(target))}}
-    step = check_teacher_checkpoint(run_dir, target, step)
-    with _teacher_checkpoints(run_dir) as manager:
+    with _checkpoint_at(run_dir, check_teacher_checkpoint(run_dir, target, step), where) as (manager, step):
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
@@ -84,23 +85,14 @@ def restore_teacher_params(run_dir: str | Path, target, step: int | None = None)
     return params
 
 
-def _teacher_checkpoints(run_dir: str | Path) -> ocp.CheckpointManager:
-    directory = (Path(run_dir) / "checkpoints").absolute()
-    if not directory.is_dir():
-        raise ConfigError(f"teacher.path={str(run_dir)!r}: the run has no checkpoints/ directory")
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-
-
 def check_teacher_checkpoint(run_dir: str | Path, target, step: int | None = None) -> int:
     """The step of a run's latest (or given) checkpoint, after checking from its metadata alone
     that it holds a teacher of `target`'s shapes: ConfigError naming the first arrays it lacks or
     holds in another shape (a damaged checkpoint, whose metadata does not read, is left to the
     restore)."""
     where = f"teacher.path={str(run_dir)!r}"
-    with _teacher_checkpoints(run_dir) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"{where}: the run has no checkpoint yet")
+    with _checkpoint_at(run_dir, step, where) as (_, step):
+        pass
     try:
         metadata = ocp.StandardCheckpointer().metadata(Path(run_dir).absolute() / "checkpoints" / str(step) / "state")
         saved = _shapes_by_path(getattr(metadata, "item_metadata", metadata)["teacher"]["params"])
@@ -121,8 +113,6 @@ def check_teacher_checkpoint(run_dir: str | Path, target, step: int | None = Non
 
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
     """'groups.0.layers.1.attention.q' -> shape, for a nested dict of arrays (the 'value' level dropped)."""
-    import jax
-
     return {".".join(str(getattr(key, "key", key)) for key in path if getattr(key, "key", None) != "value"):
             tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -165,8 +155,6 @@ def load_models(run_dir: str | Path, step: int | None = None) -> tuple[Config, i
 
 def evaluate_run(run_dir: str | Path, *, max_batches: int | None = None, step: int | None = None) -> dict:
     """Validation metrics (bpb, top-1 agreement, KL) of a run's checkpoint on its validation split."""
-    import jax
-
     from distill.data import build_data
     from distill.parallel import single_device_mesh
     from distill.step import ModelState, TrainState, eval_metrics, eval_step

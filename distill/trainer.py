@@ -15,7 +15,7 @@ import yaml
 from flax import nnx
 from jax.sharding import Mesh
 
-from distill.checkpoint import CheckpointWriteError, Checkpoints, check_shapes, committed_steps
+from distill.checkpoint import CheckpointWriteError, Checkpoints, check_shapes, committed_steps, restore_target
 from distill.config import Config, build_config, save_config
 from distill.data import build_data
 from distill.data.packing import BATCH_KEYS
@@ -206,9 +206,8 @@ def _placed_initial_state(cfg: Config, plan: StepPlan, shapes: TrainState, state
         return jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
     if cfg.teacher.source == "run" and not any(s.init == "teacher" for s in cfg.students):
         # the other run's teacher read shard by shard into its place; everything else initialised there
-        target = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                              shapes.teacher.params, state_sharding.teacher.params)
-        teacher_params = restore_teacher_params(cfg.teacher.path, target)
+        teacher_params = restore_teacher_params(cfg.teacher.path, restore_target(shapes.teacher.params,
+                                                                                  state_sharding.teacher.params))
         return jax.jit(lambda params: _initial_state(plan, _build_models(cfg, teacher=nnx.merge(
             plan.teacher_graph, params))), out_shardings=state_sharding)(teacher_params)
     return jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)  # a loaded teacher: host arrays
@@ -447,9 +446,8 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     run_dir, existing, lock = _prepare_run_dir(cfg, on_changed_config)  # once the config places on this mesh
     try:
         # a resumed run reads its checkpoint into these; only a fresh one builds (or loads) its models
-        target = jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                              shapes, state_sharding)
-        start_state = (target, lambda: _placed_initial_state(cfg, plan, shapes, state_sharding))
+        start_state = (restore_target(shapes, state_sharding),
+                       lambda: _placed_initial_state(cfg, plan, shapes, state_sharding))
         warmup = cfg.teacher_warmup()
         full_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=True)
         teacher_step = jit_step(plan, state_sharding, micro_sharding, warmup, with_students=False) if warmup else None
