@@ -200,17 +200,21 @@ def initial_state(cfg: Config) -> TrainState:
 
 
 def _placed_initial_state(cfg: Config, plan: StepPlan, shapes: TrainState, state_sharding) -> TrainState:
-    """The initial state built in its shardings: no device (and, but for a teacher from a HF
-    directory or one a student copies, no host) holds a whole model."""
+    """The initial state built in its shardings: no device holds a whole model, and no host either
+    but for a teacher converted from a HF directory, or one a student copies from."""
     if cfg.teacher.source in ("scratch", "cache"):
         return jax.jit(lambda: _initial_state(plan, _build_models(cfg)), out_shardings=state_sharding)()
-    if cfg.teacher.source == "run" and not any(s.init == "teacher" for s in cfg.students):
-        # the other run's teacher read shard by shard into its place; everything else initialised there
+    if any(s.init == "teacher" for s in cfg.students):  # init_from_teacher copies from a whole model on the host
+        return jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)
+    if cfg.teacher.source == "run":  # read shard by shard into its place
         teacher_params = restore_teacher_params(cfg.teacher.path, restore_target(shapes.teacher.params,
                                                                                   state_sharding.teacher.params))
-        return jax.jit(lambda params: _initial_state(plan, _build_models(cfg, teacher=nnx.merge(
-            plan.teacher_graph, params))), out_shardings=state_sharding)(teacher_params)
-    return jax.device_put(_initial_state(plan, _build_models(cfg)), state_sharding)  # a loaded teacher: host arrays
+    else:  # converted on the host, then placed
+        teacher = load_teacher(cfg.teacher.source, cfg.teacher.path, cfg.teacher_model(), cfg.train.seed)
+        teacher_params = jax.device_put(nnx.state(teacher, nnx.Param), state_sharding.teacher.params)
+    # everything else initialised in its shardings around the placed teacher
+    return jax.jit(lambda params: _initial_state(plan, _build_models(cfg, teacher=nnx.merge(plan.teacher_graph, params))),
+                   out_shardings=state_sharding)(teacher_params)
 
 
 def random_batch(cfg: Config, seed: int = 0) -> dict:

@@ -1,6 +1,7 @@
 """A teacher from another run (`teacher.source: run`): its parameters are read from that run's
 checkpoint straight into the teacher's shardings and dtype, nothing else of the checkpoint is
-read, and a teacher.model that does not fit the checkpoint is refused before anything is read."""
+read, and a teacher.model that does not fit the checkpoint is refused before anything is read.
+A teacher from a HF directory (`hf`) is converted, placed, and the students start as with any."""
 
 from __future__ import annotations
 
@@ -109,6 +110,23 @@ def test_a_student_copying_the_teacher_reads_it_on_the_host(source):
     state = distill.trainer.initial_state(from_run(source, "students.0.init=teacher", f"students.0.model={teacher_shape}"))
     for got, saved in zip(jax.tree.leaves(state.teacher.params), saved_teacher(source), strict=True):
         np.testing.assert_array_equal(np.asarray(got), saved)
+
+
+def test_a_hf_teacher_is_converted_placed_and_the_students_start_as_with_any_teacher(source, tmp_path):
+    """`teacher.source: hf` on the source's teacher exported to a transformers directory: the same
+    values (the conversion is exact in float32), and the students of a scratch run's first state."""
+    from distill.hf import to_hf
+    from teacher.sources import teacher_from_run
+
+    hf_dir = to_hf(teacher_from_run(source, distill.load_config(source / "config.yaml").teacher_model()),
+                   tmp_path / "hf")
+    state = distill.trainer.initial_state(distill.load_config(SHARDED, ["teacher.source=hf", f"teacher.path={hf_dir}",
+                                                                       "teacher.model={}", "teacher.warmup_steps=0"]))
+    for got, saved in zip(jax.tree.leaves(state.teacher.params), saved_teacher(source), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), saved)
+    scratch = distill.trainer.initial_state(distill.load_config(SHARDED))
+    for got, fresh in zip(jax.tree.leaves(state.students), jax.tree.leaves(scratch.students), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh))
 
 
 @pytest.mark.parametrize("override, message", [
