@@ -34,15 +34,16 @@ def _greedy_rows(model, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("accumulation", [{}, {"train.grad_accum": 2, "data.batch_size": 8}],
-                         ids=["one micro-batch", "two micro-batches"])
-def test_student_trains_on_its_own_greedy_rows_scored_by_the_teacher(accumulation):
+TWO_MICRO_BATCHES = {"train.grad_accum": 2, "data.batch_size": 8}
+
+
+def test_student_trains_on_its_own_greedy_rows_scored_by_the_teacher():
     """With temperature 0 and a = 1, the on-policy step equals a plain KD step on a batch whose
     first rows of every micro-batch are the student's greedy continuations (built here without the
     KV cache), masked to the written tokens; the logged teacher NLL of those tokens is the float64
-    one. With two micro-batches whose data rows hold different numbers of tokens (a masked
-    stretch), accumulation weighs each by the tokens the student trains on in it, as the plain step does."""
-    _, models, plan, state, batch = setup(**GREEDY, **accumulation)
+    one. The two micro-batches' data rows hold different numbers of tokens (a masked stretch):
+    accumulation weighs each by the tokens the student trains on in it, as the plain step does."""
+    _, models, plan, state, batch = setup(**GREEDY, **TWO_MICRO_BATCHES)
     assert plan.students[0].on_policy_rows == 2 and plan.students[1].on_policy_rows == 0  # the control: none
     micro_batches, _, seq = batch["tokens"].shape
     batch = {k: np.array(v) for k, v in batch.items()}
@@ -55,7 +56,7 @@ def test_student_trains_on_its_own_greedy_rows_scored_by_the_teacher(accumulatio
         mixed["tokens"][j, :2], mixed["labels"][j, :2] = rows[:, :-1], rows[:, 1:]
         mixed["mask"][j, :2] = (np.arange(seq) >= PROMPT - 1)[None]
         mixed["positions"][j, :2], mixed["segment_ids"][j, :2] = np.arange(seq)[None], 0
-    _, _, plain_plan, plain_state, _ = setup(**{**GREEDY, **accumulation,
+    _, _, plain_plan, plain_state, _ = setup(**{**GREEDY, **TWO_MICRO_BATCHES,
                                                 "students.0.loss": "{weighting: {alpha: 1.0}}"})
     plain_state, plain = step(plain_plan, plain_state, {k: jnp.asarray(v) for k, v in mixed.items()})
 
