@@ -214,7 +214,7 @@ def _placed_initial_state(cfg: Config, plan: StepPlan, shapes: TrainState, state
         teacher_params = jax.device_put(nnx.state(teacher, nnx.Param), state_sharding.teacher.params)
     # everything else initialised in its shardings around the placed teacher
     return jax.jit(lambda params: _initial_state(plan, _build_models(cfg, teacher=nnx.merge(plan.teacher_graph, params))),
-                   out_shardings=state_sharding)(teacher_params)
+                   out_shardings=state_sharding, donate_argnums=0)(teacher_params)  # no second teacher copy
 
 
 def random_batch(cfg: Config, seed: int = 0) -> dict:
