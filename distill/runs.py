@@ -74,7 +74,8 @@ def restore_teacher_params(run_dir: str | Path, target, step: int | None = None)
     students, the optimizer moments) is read, and no process holds a whole model it does not need."""
     where = f"teacher.path={str(run_dir)!r}"
     item = {"teacher": {"params": jax.tree.map(lambda leaf: {"value": leaf}, nnx.to_pure_dict(target))}}
-    with _checkpoint_at(run_dir, check_teacher_checkpoint(run_dir, target, step), where) as (manager, step):
+    with _checkpoint_at(run_dir, step, where) as (manager, step):
+        _check_teacher_shapes(run_dir, step, target, where)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
@@ -85,19 +86,22 @@ def restore_teacher_params(run_dir: str | Path, target, step: int | None = None)
     return params
 
 
-def check_teacher_checkpoint(run_dir: str | Path, target, step: int | None = None) -> int:
-    """The step of a run's latest (or given) checkpoint, after checking from its metadata alone
-    that it holds a teacher of `target`'s shapes: ConfigError naming the first arrays it lacks or
-    holds in another shape (a damaged checkpoint, whose metadata does not read, is left to the
-    restore)."""
+def check_teacher_checkpoint(run_dir: str | Path, target) -> None:
+    """ConfigError unless a run's latest checkpoint holds a teacher of `target`'s shapes, from its
+    metadata alone (what `restore_teacher_params` checks before reading)."""
     where = f"teacher.path={str(run_dir)!r}"
-    with _checkpoint_at(run_dir, step, where) as (_, step):
-        pass
+    with _checkpoint_at(run_dir, None, where) as (_, step):
+        _check_teacher_shapes(run_dir, step, target, where)
+
+
+def _check_teacher_shapes(run_dir: str | Path, step: int, target, where: str) -> None:
+    """ConfigError naming the first arrays of `target` the checkpoint lacks or holds in another
+    shape (a damaged checkpoint, whose metadata does not read, is left to the restore)."""
     try:
         metadata = ocp.StandardCheckpointer().metadata(Path(run_dir).absolute() / "checkpoints" / str(step) / "state")
         saved = _shapes_by_path(getattr(metadata, "item_metadata", metadata)["teacher"]["params"])
     except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports the damage
-        return step
+        return
     needed = _shapes_by_path(nnx.to_pure_dict(target))
     missing = [path for path in needed if path not in saved]
     other = [f"{path} {needed[path]} (saved {saved[path]})" for path in needed
@@ -108,7 +112,6 @@ def check_teacher_checkpoint(run_dir: str | Path, target, step: int | None = Non
                           + "; ".join(filter(None, [missing and f"it has no {first(missing)}",
                                                     other and f"other shapes: {first(other)}"]))
                           + ". Leave teacher.model's architecture to that run's config")
-    return step
 
 
 def _shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
