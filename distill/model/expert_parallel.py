@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from distill.model.config import ModelConfig
-from distill.model.moe import (
+from distill.model.dispatch import (
     ExpertWeights, Routing, default_tile, dispatch_dense, dispatch_ragged, dispatch_sorted, resolve_dispatch,
 )  # fmt: skip
 from distill.model.sharding import ShardingContext

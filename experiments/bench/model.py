@@ -49,7 +49,8 @@ from _common import (  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from distill.model import ModelConfig, build_model  # noqa: E402
-from distill.model.moe import MoE, resolve_dispatch  # noqa: E402
+from distill.model.dispatch import resolve_dispatch  # noqa: E402
+from distill.model.moe import MoE  # noqa: E402
 
 # --------------------------------------------------------------------------- configs
 

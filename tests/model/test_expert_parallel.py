@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 
 from distill.model import ModelConfig
 from distill.model.expert_parallel import dispatch_expert_parallel
-from distill.model.moe import ExpertWeights, MoE, Routing, dispatch_dense, route
+from distill.model.dispatch import ExpertWeights, Routing, dispatch_dense, route
+from distill.model.moe import MoE
 from distill.model.sharding import AXES, DEFAULT_RULES, ShardingContext, use_sharding
 
 TOL = 1e-5

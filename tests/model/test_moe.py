@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from distill.model import build_model
-from distill.model.moe import ExpertWeights, MoE, tiled_expert_ffn
+from distill.model.dispatch import ExpertWeights, tiled_expert_ffn
+from distill.model.moe import MoE
 
 TOL = 1e-5  # float32 paths against each other: max abs error relative to the largest value
 
