@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 
 class CheckpointWriteError(RuntimeError):

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.model.config import ConfigError
+    from distill.errors import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from distill.logging import read_metrics_jsonl
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
+from distill.run_logger import read_metrics_jsonl
 
 
 def run_dirs(paths: list[str | Path]) -> list[Path]:

@@ -18,7 +18,8 @@ import yaml
 from distill.configtools import field_names, from_dict, parse_override, set_dotted, to_dict, unknown_key_error
 from distill.data import DataConfig
 from distill.data.digits import check_image_models
-from distill.model.config import ConfigError, ModelConfig
+from distill.errors import ConfigError
+from distill.model.config import ModelConfig
 from distill.model.presets import lookup
 from distill.model.sharding import DEFAULT_RULES, resolve_rules
 from distill.onpolicy import OnPolicyConfig

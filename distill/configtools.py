@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 
 def _suggest(word: str, choices) -> str:

@@ -9,7 +9,7 @@ import signal
 import threading
 from pathlib import Path
 
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 EXIT_CODES = {"completed": 0, "stopped": 0, "failed": 1, "nonfinite": 3, "save_failed": 4, "interrupted": 130,
               "preempted": 143}

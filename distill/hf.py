@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distill.model import ConfigError, ModelConfig, RopeScaling, Transformer, build_model
+from distill.errors import ConfigError
+from distill.model import ModelConfig, RopeScaling, Transformer, build_model
 from distill.model.layout import assign_canonical_params, canonical_params
 
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from distill.model import ConfigError, ModelConfig, build_model
+from distill.errors import ConfigError
+from distill.model import ModelConfig, build_model
 from distill.parallel import param_path
 
 RESIDUAL_OUTPUTS = ("o", "down")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 from distill.model.generate import generate
 from distill.model.transformer import Transformer
 

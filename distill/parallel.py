@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill.config import MeshConfig
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 from distill.model.sharding import AXES, Rules, logical_to_spec, mesh_axes_of
 
 

@@ -4,7 +4,7 @@ The run directory *is* the TensorBoard run (see shared/design/ARCHITECTURE.md): 
 written directly in ``run_dir``, never in sub-directories, so a sweep's runs overlay in
 TensorBoard and its HParams dashboard compares them.
 
-    from distill.logging import RunLogger
+    from distill.run_logger import RunLogger
     with RunLogger(run_dir, hparams={"loss.temperature": 2.0, "student": "small"}) as logger:
         logger.log_text(0, "config", yaml_text, preformatted=True)
         for step in ...:
@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import io
 import json
-import logging as _logging
+import logging
 import math
 import operator
 import os
@@ -78,7 +78,7 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 
-_log = _logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # JSON spelling of non-finite floats (the tokens Python's json module would emit if allowed).
 _NONFINITE_TO_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}

@@ -14,7 +14,8 @@ from flax import nnx
 
 from distill.checkpoint import restore_target
 from distill.config import Config, MeshConfig, build_config
-from distill.model import ConfigError, Transformer, build_model
+from distill.errors import ConfigError
+from distill.model import Transformer, build_model
 
 
 def run_config(run_dir: str | Path) -> Config:

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from distill.config import Config, build_config, save_config
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 SEED_KEY = "train.seed"
 SECTIONS = ("name", "base", "overrides", "grid", "zip", "random", "seeds")

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 HOST = "127.0.0.1"
 

@@ -20,9 +20,10 @@ from distill.config import Config, build_config, save_config
 from distill.data import build_data
 from distill.data.packing import BATCH_KEYS
 from distill.guards import RunLock, StopSignals
-from distill.logging import RunLogger
+from distill.run_logger import RunLogger
 from distill.metap import base_config, scale_init, scale_learning_rates
-from distill.model import ConfigError, Transformer, build_model
+from distill.errors import ConfigError
+from distill.model import Transformer, build_model
 from distill.model.sharding import ShardingContext
 from distill.parallel import (batch_sharding, check_batch_divides, global_batch, initialize_distributed, make_mesh,
                               opt_state_shardings, param_shardings, process_row_block, replicated)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.model import ConfigError, ModelConfig, Transformer
+from distill.errors import ConfigError
+from distill.model import ModelConfig, Transformer
 from distill.model.layout import assign_canonical_params, canonical_params
 
 _EXPERT_PARAMS = ("feed_forward/gate", "feed_forward/up", "feed_forward/down")

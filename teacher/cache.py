@@ -29,7 +29,7 @@ import numpy as np
 
 import losses
 from distill.data.iterator import shard_rows
-from distill.model import ConfigError
+from distill.errors import ConfigError
 
 FORMAT = 1
 FIELDS = ("indices", "log_probs", "label_log_prob", "tail_mass", "tokens", "mask")

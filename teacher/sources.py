@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from distill.model import ConfigError, ModelConfig, Transformer, build_model
+from distill.errors import ConfigError
+from distill.model import ModelConfig, Transformer, build_model
 
 
 def teacher_from_run(run_dir: str | Path, cfg: ModelConfig) -> Transformer:

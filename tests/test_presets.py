@@ -6,7 +6,8 @@ import jax
 import pytest
 from flax import nnx
 
-from distill.model import ConfigError, build_model
+from distill.errors import ConfigError
+from distill.model import build_model
 from student import STUDENT_PRESETS, student_preset
 from teacher import TEACHER_PRESETS, teacher_preset
 

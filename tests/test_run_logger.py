@@ -1,4 +1,4 @@
-"""Tests for distill.logging: metrics.jsonl + TensorBoard event files in the run directory."""
+"""Tests for distill.run_logger: metrics.jsonl + TensorBoard event files in the run directory."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from distill.logging import (
+from distill.run_logger import (
     METRICS_FILE,
     RunLogger,
     load_event_accumulator,

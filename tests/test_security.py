@@ -12,7 +12,7 @@ import torch
 import distill
 from distill import hf
 from distill.config import load_config
-from distill.model import ConfigError
+from distill.errors import ConfigError
 from distill.sweep import run_names
 
 TINY = Path(__file__).parent / "engine" / "tiny.yaml"

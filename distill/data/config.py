@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 KINDS = ("auto", "text", "jsonl", "tokens")
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from distill.data.config import DataConfig, fail
 from distill.data.packing import is_validation, padding_rows
-from distill.model.config import ConfigError, ModelConfig
+from distill.errors import ConfigError
+from distill.model.config import ModelConfig
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 PROMPT = " this digit is "

@@ -10,14 +10,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from distill.errors import ConfigError
+
 ROUTERS = ("llama4", "softmax")
 DISPATCHES = ("auto", "sorted", "ragged", "dense", "capacity")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots")
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value; the message names the field and the fix."""
 
 
 def _fail(field_name: str, value, why: str) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 
-from distill.model.config import ConfigError, ModelConfig
+from distill.errors import ConfigError
+from distill.model.config import ModelConfig
 
 
 def lookup(presets: dict[str, ModelConfig], name: str, role: str, overrides: dict) -> ModelConfig:

@@ -42,7 +42,7 @@ def main() -> int:
     import jax
 
     from distill.config import MeshConfig, load_config
-    from distill.model.config import ConfigError
+    from distill.errors import ConfigError
     from distill.parallel import make_mesh, state_memory
     from distill.trainer import _build_models, _plan, abstract_state, state_shardings
 

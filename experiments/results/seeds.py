@@ -121,7 +121,7 @@ def main() -> int:
 
 def mean_curve(run_dirs: list[Path], tag: str) -> tuple[list[int], list[float]]:
     """(steps, the mean over runs of `tag` at each step every run logged)."""
-    from distill.logging import read_metrics_jsonl
+    from distill.run_logger import read_metrics_jsonl
 
     per_run = [{row["step"]: row[tag] for row in read_metrics_jsonl(d) if tag in row} for d in run_dirs]
     steps = sorted(set.intersection(*(set(r) for r in per_run)))

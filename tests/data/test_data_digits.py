@@ -8,7 +8,8 @@ import pytest
 from distill.config import load_config
 from distill.data import DataConfig, DataError, build_data
 from distill.data.digits import DIGIT_NAMES, PROMPT, check_image_models, name_start
-from distill.model import ConfigError, ModelConfig
+from distill.errors import ConfigError
+from distill.model import ModelConfig
 from distill.model.config import VisionConfig
 
 CFG = DataConfig(source="digits", seq_len=36, batch_size=8, validation_fraction=0.2)

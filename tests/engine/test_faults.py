@@ -17,7 +17,7 @@ import pytest
 
 import distill
 from distill import cli
-from distill.logging import read_metrics_jsonl, read_scalars
+from distill.run_logger import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree
 
 TINY = Path(__file__).with_name("tiny.yaml")

@@ -15,8 +15,9 @@ from flax import nnx
 
 import distill
 from distill.config import OptimConfig
+from distill.errors import ConfigError
 from distill.metap import multipliers, scale_init, scale_learning_rates
-from distill.model import ConfigError, build_model
+from distill.model import build_model
 from distill.parallel import param_path
 from distill.step import make_optimizer
 from student.presets import STUDENT_PRESETS

@@ -30,7 +30,7 @@ CHECK = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     from distill.config import MeshConfig
-    from distill.model.config import ConfigError
+    from distill.errors import ConfigError
     from distill.parallel import batch_sharding, make_mesh, process_row_block
     from distill.model.sharding import DEFAULT_RULES
 

@@ -16,7 +16,7 @@ from flax import nnx
 from test_step import TINY, leaves, setup, step
 
 import distill
-from distill.model.config import ConfigError
+from distill.errors import ConfigError
 
 PROMPT = 8
 GREEDY = {"students.0.loss": f"{{weighting: {{alpha: 1.0}}, on_policy: {{fraction: 0.5, prompt_tokens: {PROMPT}, "
@@ -120,7 +120,7 @@ def test_a_control_student_ignores_the_run_level_on_policy_setting():
 SHARDED_RUN = """
 import json, sys
 import distill
-from distill.logging import read_metrics_jsonl
+from distill.run_logger import read_metrics_jsonl
 run_dir, mesh = sys.argv[1], json.loads(sys.argv[2])
 overrides = [f"run.dir={run_dir}", "train.steps=7", "train.eval_every=7", "train.checkpoint_every=7",
              "students.0.loss={weighting: {alpha: 0.5}, on_policy: {fraction: 0.5, prompt_tokens: 8}}"]

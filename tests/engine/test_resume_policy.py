@@ -11,8 +11,8 @@ import yaml
 
 import distill
 from distill import cli
-from distill.logging import read_metrics_jsonl
-from distill.model import ConfigError
+from distill.errors import ConfigError
+from distill.run_logger import read_metrics_jsonl
 
 TINY = Path(__file__).with_name("tiny.yaml")
 SHORT = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=4", "teacher.warmup_steps=0"]

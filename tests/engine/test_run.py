@@ -16,8 +16,8 @@ from flax import nnx
 import distill
 from distill import cli as distill_cli
 from distill.data import build_data
-from distill.logging import read_metrics_jsonl, read_scalars
-from distill.model import ConfigError
+from distill.errors import ConfigError
+from distill.run_logger import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree, load_models
 from distill.trainer import finished_summary
 

@@ -8,7 +8,7 @@ import pytest
 
 import distill
 from distill.config import TrainConfig, build_config, load_config
-from distill.model import ConfigError
+from distill.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("tiny.yaml")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import distill
-from distill.logging import read_metrics_jsonl
+from distill.run_logger import read_metrics_jsonl
 
 CONFIG = Path(__file__).with_name("sharded.yaml")
 WORKER = Path(__file__).with_name("sharded_worker.py")

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from distill.model import ConfigError, ModelConfig, build_model
+from distill.errors import ConfigError
+from distill.model import ModelConfig, build_model
 from distill.model.layout import canonical_params
 from student import default_layer_map, init_from_teacher
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from distill.model import ConfigError, ModelConfig, RopeScaling, build_model
+from distill.errors import ConfigError
+from distill.model import ModelConfig, RopeScaling, build_model
 
 
 def test_config_error_is_a_value_error():

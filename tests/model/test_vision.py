@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from distill.configtools import from_dict
-from distill.model import ConfigError, ModelConfig, build_model
+from distill.errors import ConfigError
+from distill.model import ModelConfig, build_model
 from distill.model.config import VisionConfig
 from distill.model.vision import patches_of, place_features
 

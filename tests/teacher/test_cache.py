@@ -17,7 +17,7 @@ from flax import nnx
 
 import distill
 from distill.data import build_data
-from distill.model import ConfigError
+from distill.errors import ConfigError
 from distill.runs import load_models
 from distill.trainer import compiled_step, initial_state, random_batch, run
 from teacher import cache as cache_module

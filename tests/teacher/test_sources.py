@@ -18,7 +18,7 @@ import pytest
 
 import distill
 import distill.trainer
-from distill.model import ConfigError
+from distill.errors import ConfigError
 from distill.runs import checkpoint_tree
 
 SHARDED = Path(__file__).parents[1] / "engine" / "sharded.yaml"
