@@ -1,24 +1,22 @@
 """distill: a knowledge-distillation workbench for Llama-4-style Mixture-of-Experts models.
 
     cfg = distill.load_config("experiments/quickstart.yaml", steps=200)
+    exp = distill.resolve(cfg)      # every model's architecture, what each student inherits
     summary = distill.run(cfg)
 """
 
+from distill import config
+from distill.experiment import Experiment, resolve
 from distill.model import ModelConfig, ModelOutput, Transformer, build_model
+from distill.trainer import run
 
 
-def load_config(path=None, overrides=None, **keywords):
-    """See `distill.config.load_config`."""
-    from distill.config import load_config as _load
-
-    return _load(path, overrides, **keywords)
-
-
-def run(cfg, *, stop_after=None, on_changed_config="refuse"):
-    """Run (or resume) the experiment `cfg`; returns the summary dict (see `distill.trainer.run`)."""
-    from distill.trainer import run as _run
-
-    return _run(cfg, stop_after=stop_after, on_changed_config=on_changed_config)
+def load_config(path=None, overrides=None, **keywords) -> config.Config:
+    """A run config from a YAML file (or the defaults) with overrides (see `distill.config.load_config`),
+    checked against what it points at and its models against each other (`resolve`)."""
+    cfg = config.load_config(path, overrides, **keywords)
+    resolve(cfg)
+    return cfg
 
 
-__all__ = ["ModelConfig", "ModelOutput", "Transformer", "build_model", "load_config", "run"]
+__all__ = ["Experiment", "ModelConfig", "ModelOutput", "Transformer", "build_model", "load_config", "resolve", "run"]

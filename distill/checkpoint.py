@@ -1,18 +1,23 @@
 """orbax checkpoints of a run: the whole `TrainState` plus JSON metadata (data position, step).
 
-One `CheckpointManager` directory, `RUN_DIR/checkpoints/<step>/` per kept step. Saves are
+One `CheckpointManager` directory (`RUN_DIR/checkpoints`, see `distill.rundir`) with a folder per
+kept step, each holding two items: `state` (the state's arrays) and `meta` (JSON). Saves are
 asynchronous (orbax commits a step only when all of it is written); restore reads straight into
-the abstract target's structure, dtypes and shardings.
+the abstract target's structure, dtypes and shardings. This module is the only one that knows
+orbax's layout: the trainer writes and resumes through `Checkpoints`, everything else reads
+through `read_only`, `restore_tree`, `restore_state`, `restore_subtree` and `saved_shapes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections import Counter
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from distill.errors import ConfigError
@@ -40,8 +45,7 @@ class Checkpoints:
         """
         previous, self._writing = self._writing, step
         try:
-            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            meta=ocp.args.JsonSave(meta)), force=True)
+            self.manager.save(step, args=_save_args(state, meta), force=True)
         except Exception as error:  # the previous save's error surfaces here too
             failed = previous if previous is not None and previous not in committed_steps(self.directory) else step
             raise self._write_error(failed, error) from error
@@ -110,11 +114,10 @@ def check_shapes(step_dir: Path, abstract_state) -> None:
     """ConfigError when the checkpoint in `step_dir` holds arrays of other shapes or dtypes than
     `abstract_state` (the config's models or optimizers changed). A checkpoint whose metadata does
     not read is left to the restore, which treats it as damaged."""
-    try:
-        metadata = ocp.StandardCheckpointer().metadata(Path(step_dir).absolute() / "state")
-    except Exception:  # noqa: BLE001 - any unreadable metadata: a damaged checkpoint
+    metadata = _state_metadata(step_dir)
+    if metadata is None:  # unreadable: a damaged checkpoint
         return
-    saved = Counter(_signature(x) for x in jax.tree.leaves(getattr(metadata, "item_metadata", metadata)))
+    saved = Counter(_signature(x) for x in jax.tree.leaves(metadata))
     needed = Counter(_signature(x) for x in jax.tree.leaves(abstract_state))
     if saved == needed or not saved:  # no arrays at all: truncated metadata, a damaged checkpoint
         return
@@ -141,3 +144,92 @@ def restore_target(shapes, shardings):
     `shardings` (a tree of the same structure) says."""
     return jax.tree.map(lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes,
                         shardings)
+
+
+def _save_args(state, meta: dict):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+
+def _state_metadata(step_dir: Path):
+    """The `state` item's tree of array metadata (shape, dtype) at a step, or None when it does not read."""
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(Path(step_dir).absolute() / "state")
+    except Exception:  # noqa: BLE001 - any unreadable metadata: a damaged checkpoint
+        return None
+    return getattr(metadata, "item_metadata", metadata)
+
+
+@contextlib.contextmanager
+def read_only(directory: Path, step: int | None, where: str):
+    """(a read-only manager of the checkpoints in `directory`, the latest step or `step`); a
+    ConfigError that starts with `where` when there is none."""
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise ConfigError(f"{where}: the run has no {directory.name}/ directory")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ConfigError(f"{where}: the run has no checkpoint yet")
+        yield manager, step
+
+
+def restore_tree(directory: Path, step: int | None, where: str) -> tuple[int, dict]:
+    """(step, the saved state as nested dicts of numpy arrays) of the latest (or given) checkpoint."""
+    with read_only(directory, step, where) as (manager, step):
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored.state
+
+
+def restore_state(directory: Path, target, step: int | None, where: str):
+    """(the saved state read into `target`'s structure, dtypes and shardings, its step)."""
+    with read_only(directory, step, where) as (manager, step):
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    return state, step
+
+
+def restore_subtree(manager, step: int, path: tuple[str, ...], target: dict) -> dict:
+    """The arrays under `path` of the saved state (e.g. ("teacher", "params")) and nothing else,
+    read into `target` (a pure dict of `jax.ShapeDtypeStruct`s with shardings): each array lands
+    in its shards on their devices, in the target's dtype. Returns a pure dict of arrays."""
+    item = jax.tree.map(lambda leaf: {"value": leaf}, target)
+    for key in reversed(path):
+        item = {key: item}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))).state
+    for key in path:
+        restored = restored[key]
+    return strip_value_keys(restored)
+
+
+def saved_shapes(directory: Path, step: int, path: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    """'a.b.c' -> shape of every array under `path` of the saved state at `step`, from its metadata
+    alone; None when the metadata does not read (a damaged checkpoint: the restore reports it)."""
+    metadata = _state_metadata(Path(directory) / str(step))
+    if metadata is None:
+        return None
+    for key in path:
+        metadata = metadata[key]
+    return shapes_by_path(metadata)
+
+
+def shapes_by_path(tree) -> dict[str, tuple[int, ...]]:
+    """'groups.0.layers.1.attention.q' -> shape, for a nested dict of arrays (the 'value' level dropped)."""
+    return {".".join(str(getattr(key, "key", key)) for key in path if getattr(key, "key", None) != "value"):
+            tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def strip_value_keys(tree):
+    """orbax restores nnx.State leaves as {'value': array}; pure dicts hold the arrays themselves
+    (as JAX arrays: a model holding numpy arrays cannot be called outside jit)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
+            return jnp.asarray(tree["value"])
+        return {k: strip_value_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def write_state(directory: Path, step: int, state, meta: dict) -> None:
+    """Write one checkpoint synchronously (e.g. a converted HF teacher as a run's step 0)."""
+    with ocp.CheckpointManager(Path(directory).absolute()) as manager:
+        manager.save(step, args=_save_args(state, meta))
+        manager.wait_until_finished()

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import runpy
 import sys
 from pathlib import Path
+
+from distill import compare, runs, sweep, tb
+from distill.config import load_config
+from distill.errors import ConfigError
+from distill.guards import EXIT_CODES
+from distill.hf import to_hf
+from distill.trainer import run as run_experiment
+from teacher.cache_writer import write_cache
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "experiments" / "bench"
 
@@ -24,22 +33,13 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distill.config import load_config
-    from distill.guards import EXIT_CODES
-    from distill.trainer import run
-
     on_changed_config = "resume" if args.resume else "new" if args.force_new else "refuse"
-    summary = run(load_config(args.config, args.overrides), stop_after=args.stop_after,
+    summary = run_experiment(load_config(args.config, args.overrides), stop_after=args.stop_after,
                   on_changed_config=on_changed_config)
     return EXIT_CODES.get(summary["status"], 1)
 
 
 def _cache(args: argparse.Namespace) -> int:
-    import json
-
-    from distill.config import load_config
-    from teacher.cache import write_cache
-
     meta = write_cache(load_config(args.config, args.overrides), args.out, args.k)
     print(json.dumps({"cache": args.out, "k": meta["k"], "steps": meta["steps"], "eval_batches": meta["eval_batches"],
                       "write_seconds": round(meta["write_seconds"], 1), **meta["stats"]}, indent=2))
@@ -48,20 +48,13 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    from distill.runs import evaluate_run
-
-    metrics = evaluate_run(args.run_dir, max_batches=args.batches)
+    metrics = runs.evaluate_run(args.run_dir, max_batches=args.batches)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from distill.hf import to_hf
-    from distill.runs import load_models
-
-    cfg, step, teacher, students = load_models(args.run_dir)
+    cfg, step, teacher, students = runs.load_models(args.run_dir)
     name = args.model or next((s.name for s in cfg.students if not s.control), cfg.students[0].name)
     if name == "teacher" and teacher is None:
         print(f"distill export: {args.run_dir} distilled from a teacher cache and holds no teacher; choose one of "
@@ -77,28 +70,24 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import_hf(args: argparse.Namespace) -> int:
-    from distill.hf import import_to_run_dir
-
-    out = import_to_run_dir(args.hf_dir, args.out, allow_pickle=args.allow_pickle)
+    out = runs.import_hf(args.hf_dir, args.out, allow_pickle=args.allow_pickle)
     print(f"imported {args.hf_dir} to {out}: use it as teacher.source=run teacher.path={out}")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from distill.sweep import SweepError, check_metric, describe, load_sweep, report, run_sweep
-
-    sweep = load_sweep(args.sweep, out=args.dir)
-    check_metric(sweep, args.metric)
+    spec = sweep.load_sweep(args.sweep, out=args.dir)
+    sweep.check_metric(spec, args.metric)
     if args.dry_run:
-        print(describe(sweep))
+        print(sweep.describe(spec))
         return 0
     if args.report:
-        if not sweep.out.is_dir():
-            raise SweepError(f"--report: {sweep.out} does not exist; run the sweep first (or give its --dir)")
-        print(report(sweep, metric=args.metric, maximize=args.maximize).markdown())
+        if not spec.out.is_dir():
+            raise sweep.SweepError(f"--report: {spec.out} does not exist; run the sweep first (or give its --dir)")
+        print(sweep.report(spec, metric=args.metric, maximize=args.maximize).markdown())
         return 0
     try:
-        results = run_sweep(sweep, parallel=args.parallel, launcher=args.launcher, metric=args.metric,
+        results = sweep.run_sweep(spec, parallel=args.parallel, launcher=args.launcher, metric=args.metric,
                             maximize=args.maximize)
     except KeyboardInterrupt:
         print("distill sweep: interrupted; run the same command again to resume (report: --report)", file=sys.stderr)
@@ -106,23 +95,19 @@ def _sweep(args: argparse.Namespace) -> int:
     bad = [name for name, r in results.items() if r.status not in ("completed", "submitted")]
     if bad:
         print(f"distill sweep: {len(bad)} of {len(results)} runs did not complete: {', '.join(bad)} "
-              f"(logs: {args.dir or sweep.out}/<name>/sweep.log)", file=sys.stderr)
+              f"(logs: {args.dir or spec.out}/<name>/sweep.log)", file=sys.stderr)
     return 1 if bad else 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from distill.compare import curves, plot, run_dirs, table
-
-    series = curves(run_dirs(args.dirs), args.metric)
-    print(table(series, args.metric))
-    print(f"plot: {plot(series, args.metric, args.out)}")
+    series = compare.curves(compare.run_dirs(args.dirs), args.metric)
+    print(compare.table(series, args.metric))
+    print(f"plot: {compare.plot(series, args.metric, args.out)}")
     return 0
 
 
 def _tb(args: argparse.Namespace) -> int:
-    from distill.tb import serve
-
-    return serve(args.dir, args.port)
+    return tb.serve(args.dir, args.port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from distill.errors import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

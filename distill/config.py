@@ -1,8 +1,13 @@
-"""The run configuration: typed sections, YAML loading, dotted overrides, validation.
+"""The run configuration as written: typed sections, YAML loading, dotted overrides, validation.
 
 A YAML file has the sections `run`, `data`, `teacher`, `students` (a list; or `student` for
 one), `loss`, `optim`, `mesh`, `train`. Every field is documented where it is declared; every
 error names the dotted field, the bad value and the allowed values.
+
+A `Config` is what the file says and nothing else: building one reads no other file. What the
+config means on this disk (the teacher's architecture from the run, HF directory or cache it
+names; what each student inherits from the run's sections) is `distill.experiment.resolve`'s
+job, which also checks the models against each other and against the data.
 """
 
 from __future__ import annotations
@@ -17,15 +22,10 @@ import yaml
 
 from distill.configtools import field_names, from_dict, parse_override, set_dotted, to_dict, unknown_key_error
 from distill.data import DataConfig
-from distill.data.digits import check_image_models
 from distill.errors import ConfigError
-from distill.model.config import ModelConfig
-from distill.model.presets import lookup
-from distill.model.sharding import DEFAULT_RULES, resolve_rules
 from distill.onpolicy import OnPolicyConfig
+from distill.optim import OptimConfig
 from losses import KD_LOSSES, FilterConfig, WeightingConfig
-from student.presets import STUDENT_PRESETS
-from teacher.sources import teacher_model_config
 
 
 def check_path_name(field_name: str, value, purpose: str) -> None:
@@ -46,33 +46,6 @@ class RunSection:
     @property
     def path(self) -> Path:
         return Path(self.dir) if self.dir else Path("runs") / self.name
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warm-up and a decay schedule, global-norm clipping."""
-
-    learning_rate: float = 3e-3  # peak learning rate
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up, to min_lr_ratio * peak
-    warmup_steps: int = 50  # linear warm-up from 0 to the peak
-    min_lr_ratio: float = 0.1  # final learning rate / peak (cosine, linear)
-    weight_decay: float = 0.1  # decoupled weight decay (AdamW); not applied to norms
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float | None = 1.0  # global gradient norm clip; null turns it off
-    metap_base: dict | None = None  # MetaP: ModelConfig fields of the base model the learning rate was tuned
-    # on (e.g. {hidden_size: 64}); per-parameter init and learning-rate multipliers by width and depth
-
-    def __post_init__(self):
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate={self.learning_rate}: must be > 0")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps={self.warmup_steps}: must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise ConfigError(f"clip_norm={self.clip_norm}: must be > 0 or null")
 
 
 @dataclass(frozen=True)
@@ -227,72 +200,12 @@ class Config:
                               "(an empty list pre-trains the teacher alone)")
         if len(set(names)) != len(names):
             raise ConfigError(f"students: names must be unique, got {names}")
-        teacher = self.teacher_model()
-        for i, s in enumerate(self.students):
-            model = self.student_model(i)
-            if model.vocab_size != teacher.vocab_size:
-                raise ConfigError(
-                    f"students[{i}].model.vocab_size={model.vocab_size}: differs from the teacher's "
-                    f"{teacher.vocab_size}; distillation compares distributions over one vocabulary")
-        for role, model in [("teacher", teacher)] + [(f"students[{i}]", self.student_model(i))
-                                                     for i in range(len(self.students))]:
-            if self.data.seq_len > model.max_position_embeddings:
-                raise ConfigError(f"data.seq_len={self.data.seq_len}: longer than {role}.model."
-                                  f"max_position_embeddings ({model.max_position_embeddings})")
         if self.students and self.train.steps <= self.teacher_warmup():
             raise ConfigError(f"train.steps={self.train.steps}: must exceed teacher.warmup_steps "
                               f"({self.teacher_warmup()}) so the students train")
-        check_image_models(self.data, self.teacher.source, [("teacher", teacher)] + [
-            (f"students[{i}]", self.student_model(i)) for i in range(len(self.students))])
-        for i in range(len(self.students)):
-            self._check_on_policy(i)
-        self.teacher_rules()
-        for i in range(len(self.students)):
-            self.student_rules(i)
         if self.data.batch_size % self.train.grad_accum:
             raise ConfigError(f"train.grad_accum={self.train.grad_accum}: must divide data.batch_size "
                               f"({self.data.batch_size})")
-
-    def _check_on_policy(self, index: int) -> None:
-        on_policy, own = self.student_loss(index).on_policy, self.students[index].loss is not None
-        if not on_policy.active or (self.students[index].control and not own):  # a control ignores the run's loss
-            return
-        where = f"students[{index}].loss.on_policy" if own else "loss.on_policy"
-        if self.students[index].control:
-            raise ConfigError(f"{where}.fraction={on_policy.fraction}: students[{index}] is a control (hard labels "
-                              "only); give on_policy to a distilled student, or set fraction: 0")
-        if self.teacher.source == "cache":
-            raise ConfigError(f"{where}.fraction={on_policy.fraction}: a cached teacher cannot score the student's "
-                              "samples; use teacher.source scratch, run or hf, or set fraction: 0")
-        if self.student_model(index).vision is not None:
-            raise ConfigError(f"{where}.fraction={on_policy.fraction}: students[{index}] reads images, and "
-                              "sampling (distill.model.generate) takes text prompts only; set fraction: 0")
-        if self.teacher.mutual_weight > 0:
-            raise ConfigError(f"{where}.fraction={on_policy.fraction}: teacher.mutual_weight compares the teacher "
-                              "with the students on data rows, and this student replaces some; set one of them to 0")
-        if on_policy.prompt_tokens >= self.data.seq_len:
-            raise ConfigError(f"{where}.prompt_tokens={on_policy.prompt_tokens}: must be shorter than "
-                              f"data.seq_len ({self.data.seq_len}) so the student writes something")
-        rows = self.data.batch_size // self.train.grad_accum
-        if on_policy.rows(rows) == 0:
-            raise ConfigError(f"{where}.fraction={on_policy.fraction}: rounds to 0 of a micro-batch's {rows} rows; "
-                              f"use at least {0.5 / rows:.3g}")
-
-    def teacher_model(self) -> ModelConfig:
-        t = self.teacher
-        return teacher_model_config(t.source, t.path, t.preset, t.model)
-
-    def student_model(self, index: int) -> ModelConfig:
-        s = self.students[index]
-        return _model_config(s.preset, s.model, STUDENT_PRESETS, f"students[{index}]")
-
-    def forward_flops_per_step(self) -> tuple[float, list[float]]:
-        """Forward FLOPs over one step's batch: (the teacher's, [each student's]). A model that
-        trains costs 3x its forward (backward = 2x); a frozen teacher 1x; a cached teacher none."""
-        tokens, seq = self.data.batch_size * self.data.seq_len, self.data.seq_len
-        cached = self.teacher.source == "cache"
-        return (0.0 if cached else self.teacher_model().forward_flops_per_token(seq) * tokens,
-                [self.student_model(i).forward_flops_per_token(seq) * tokens for i in range(len(self.students))])
 
     def teacher_warmup(self) -> int:
         """Teacher-only steps: `warmup_fraction` of the steps when set, else `warmup_steps`; every
@@ -302,29 +215,8 @@ class Config:
         fraction = self.teacher.warmup_fraction
         return self.teacher.warmup_steps if fraction is None else int(round(fraction * self.train.steps))
 
-    def mesh_rules(self) -> dict:
-        """The logical-axis rules of the run: the defaults with `mesh.rules` applied."""
-        return resolve_rules(DEFAULT_RULES, self.mesh.rules, "mesh.rules")
-
-    def teacher_rules(self) -> dict:
-        return resolve_rules(self.mesh_rules(), self.teacher.sharding, "teacher.sharding")
-
-    def student_rules(self, index: int) -> dict:
-        return resolve_rules(self.mesh_rules(), self.students[index].sharding, f"students[{index}].sharding")
-
-    def student_loss(self, index: int) -> LossConfig:
-        return self.students[index].loss or self.loss
-
-    def student_optim(self, index: int) -> OptimConfig:
-        return self.students[index].optim or self.optim
-
     def to_dict(self) -> dict:
         return to_dict(self)
-
-
-def _model_config(preset: str | None, overrides: dict, presets: dict, role: str) -> ModelConfig:
-    base = lookup(presets, preset, role, {}).to_dict() if preset else {}
-    return from_dict(ModelConfig, {**base, **overrides}, f"{role}.model")
 
 
 _SECTIONS = field_names(Config)

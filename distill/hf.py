@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from distill.errors import ConfigError
 from distill.model import ModelConfig, RopeScaling, Transformer, build_model
@@ -211,8 +212,6 @@ def _text_state_of_torch_model(model) -> tuple[object, dict[str, np.ndarray]]:
 
 
 def _read_weight_files(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
         state = {}
@@ -269,8 +268,6 @@ def to_hf(model: Transformer, out_dir, *, overwrite: bool = False) -> Path:
 
     Refuses a non-empty `out_dir` unless `overwrite=True`.
     """
-    from safetensors.numpy import save_file
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True")
@@ -280,26 +277,4 @@ def to_hf(model: Transformer, out_dir, *, overwrite: bool = False) -> Path:
     state = params_to_hf_state(model.cfg, canonical_params(model))
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_config.save_pretrained(str(out))
-    return out
-
-
-def import_to_run_dir(hf_dir, out_dir, *, allow_pickle: bool = False) -> Path:
-    """Convert a HF directory once into a teacher run directory (config.yaml + orbax checkpoint 0),
-    usable as `teacher.source: run, teacher.path: OUT` without torch at training time."""
-    import orbax.checkpoint as ocp
-    import yaml
-    from flax import nnx
-
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new directory")
-    model = from_hf(hf_dir, allow_pickle=allow_pickle)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"teacher": {"preset": None, "model": model.cfg.to_dict()}, "imported_from": str(Path(hf_dir).absolute())}
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    state = {"teacher": {"params": nnx.state(model, nnx.Param)}}
-    with ocp.CheckpointManager((out / "checkpoints").absolute()) as manager:
-        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                meta=ocp.args.JsonSave({"step": 0, "imported_from": str(hf_dir)})))
-        manager.wait_until_finished()
     return out

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from distill.configtools import from_dict
 from distill.errors import ConfigError
 from distill.model import ModelConfig, build_model
-from distill.parallel import param_path
+from distill.model.layout import param_path
 
 RESIDUAL_OUTPUTS = ("o", "down")
 
@@ -41,8 +42,6 @@ def base_config(cfg: ModelConfig, fields: dict | None, where: str) -> ModelConfi
     """The base model: `cfg` with `fields` (`optim.metap_base`) changed; None when not set."""
     if not fields:
         return None
-    from distill.configtools import from_dict
-
     return from_dict(ModelConfig, {**cfg.to_dict(), **fields}, where)
 
 

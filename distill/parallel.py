@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill.config import MeshConfig
 from distill.errors import ConfigError
+from distill.model.layout import param_path
 from distill.model.sharding import AXES, Rules, logical_to_spec, mesh_axes_of
 
 
@@ -58,12 +59,6 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
 def single_device_mesh(device=None) -> Mesh:
     """A 1x1x1x1 mesh: the whole model on one device (evaluation, tests, notebooks)."""
     return Mesh(np.asarray([device or jax.devices()[0]]).reshape(1, 1, 1, 1), AXES)
-
-
-def param_path(path) -> str:
-    """A parameter's tree path as "a/b/c" (the leaf's `value` left out)."""
-    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
-    return "/".join(str(k) for k in keys if k != "value")
 
 
 def param_shardings(params, rules: Rules, mesh: Mesh, role: str):

@@ -177,10 +177,10 @@ def finished_summary(cfg: Config) -> dict | None:
 
 # ----------------------------------------------------------------------------- preparing a run
 
-def prepare(cfg: Config, on_changed_config: str) -> tuple[Path, bool, RunLock | None]:
+def prepare(cfg: Config, on_changed_config: str) -> tuple[bool, RunLock | None]:
     """Create or reuse the run directory and lock it; what happens when it holds a run of another
     config is `on_changed_config`'s choice: "refuse", "resume" (continue it under `cfg`) or "new"
-    (move it to a sibling `<dir>.replaced-<time>`). Returns (dir, resuming?, the held lock).
+    (move it to a sibling `<dir>.replaced-<time>`). Returns (resuming?, the held lock).
 
     A run resumes under a different mesh or sharding rules, or from a moved directory, without
     asking (config.yaml then records the new values). With several processes, process 0 decides
@@ -192,7 +192,7 @@ def prepare(cfg: Config, on_changed_config: str) -> tuple[Path, bool, RunLock | 
     existing, lock = _prepare_as_writer(cfg, run_dir, on_changed_config) if jax.process_index() == 0 else (False, None)
     if jax.process_count() > 1:
         existing = bool(multihost_utils.broadcast_one_to_all(np.int32(existing)))
-    return run_dir, existing, lock
+    return existing, lock
 
 
 def _prepare_as_writer(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[bool, RunLock]:

@@ -30,8 +30,9 @@ def test_offline_pretraining_costs_what_co_training_the_teacher_costs():
     # Independently: 6 N D for the trained models, 2 N D for the frozen teacher's forward, with
     # N the forward FLOPs per token / 2 and D the tokens.
     tokens = cfg.data.batch_size * cfg.data.seq_len
-    t = cfg.teacher_model().forward_flops_per_token(cfg.data.seq_len) / 2
-    s = sum(cfg.student_model(i).forward_flops_per_token(cfg.data.seq_len) / 2 for i in range(2))
+    exp = distill.resolve(cfg)
+    t = exp.teacher.model.forward_flops_per_token(cfg.data.seq_len) / 2
+    s = sum(exp.students[i].model.forward_flops_per_token(cfg.data.seq_len) / 2 for i in range(2))
     assert co == pytest.approx(6 * t * tokens * steps + 6 * s * tokens * (steps - warmup), rel=1e-12)
     assert off == pytest.approx(6 * t * tokens * pretrain + (2 * t + 6 * s) * tokens * (steps - warmup), rel=1e-12)
     assert abs(off - co) <= 6 * t * tokens  # equal up to the rounding of P to a whole step
@@ -73,7 +74,7 @@ def test_cache_script_compares_cached_students_with_online_kd(tmp_path):
     assert "| cached k8 vs online KD |" in result.stdout and (tmp_path / "cache.png").stat().st_size
     cached = distill.load_config(out / "cached" / "seed-0" / "config.yaml")
     assert cached.teacher.source == "cache" and [s.name for s in cached.students] == ["control", "k1", "k8"]
-    assert [cached.student_loss(i).teacher_top_k for i in (1, 2)] == [1, 8]
+    assert [distill.resolve(cached).students[i].loss.teacher_top_k for i in (1, 2)] == [1, 8]
     # the control never sees the teacher: the cached run's control is the online run's
     row = next(line for line in result.stdout.splitlines() if line.startswith("| control (online / cached) |"))
     online, from_cache = row.split("|")[2].split("/")

@@ -14,6 +14,12 @@ from flax import nnx
 from distill.model.transformer import Transformer
 
 
+def param_path(path) -> str:
+    """A parameter's tree path as "a/b/c" (the leaf's `value` left out)."""
+    keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+    return "/".join(str(k) for k in keys if k != "value")
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     out = {}
     for key, value in tree.items():

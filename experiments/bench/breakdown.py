@@ -6,7 +6,7 @@ every XLA op's exclusive time attributed to the source line that emitted it.
     python experiments/bench/breakdown.py --trace-dir /tmp/trace  # keep the trace (TensorBoard's profile
                                                                 # plugin or Perfetto can open it)
 
-How: the step is compiled as `distill run` compiles it (`distill.trainer.compiled_step`), run twice
+How: the step is compiled as `distill run` compiles it (`distill.setup.compiled_step`), run twice
 to warm up, then traced. Each op event on XLA's threads gets its time minus the time of the events
 nested inside it (a while loop's body ops are its children), so the exclusive times add up to the
 busy time of the step. The compiled HLO names each op's Python stack (its `StackFrames` table);
@@ -32,7 +32,7 @@ import jax  # noqa: E402
 from _common import table  # noqa: E402
 
 import distill  # noqa: E402
-from distill.trainer import compiled_step, initial_state, random_batch  # noqa: E402
+from distill.setup import compiled_step, initial_state, random_batch  # noqa: E402
 
 # Innermost repository file (and function) -> the part of the step it belongs to.
 PARTS = [
@@ -48,8 +48,8 @@ PARTS = [
     ("distill/model/layers.py", None, "RMSNorm"),
     ("distill/model/transformer.py", None, "embedding, LM head, residuals"),
     ("losses/", None, "losses: CE, KD, a"),
-    ("distill/step.py", ("_apply", "make_optimizer"), "optimizer update"),
-    ("distill/step.py", None, "step: metrics, accumulation"),
+    ("distill/optim.py", None, "optimizer update"),
+    ("distill/step/", None, "step: metrics, accumulation"),
 ]
 
 

@@ -36,15 +36,16 @@ def main() -> int:
         os.execve(sys.executable, [sys.executable, "-m", "distill.cli", "bench", "collectives", *sys.argv[1:]], env)
 
     from distill.config import load_config
+    from distill.experiment import resolve
     from distill.parallel import all_expert_gathers, collectives
-    from distill.trainer import compiled_step
+    from distill.setup import compiled_step
 
     for text in args.mesh or DEFAULT_MESHES:
         sizes = [f"mesh.{axis}=1" for axis in ("data", "fsdp", "tensor", "expert")]
         sizes += [f"mesh.{part.strip()}" for part in text.split(",")]
         cfg = load_config(args.config, [*args.overrides, *sizes])
         found = collectives(compiled_step(cfg).as_text())
-        models = [cfg.teacher_model()] + [cfg.student_model(i) for i in range(len(cfg.students))]
+        models = [model for _, model in resolve(cfg).models()]
         whole = all_expert_gathers(found, models, cfg.mesh.fsdp, cfg.mesh.tensor)
         print(f"\n{text}: {sum(found.values())} collectives; all-gathers holding every expert's weights: "
               f"{', '.join(whole) if whole else 'none'}")

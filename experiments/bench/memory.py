@@ -43,8 +43,9 @@ def main() -> int:
 
     from distill.config import MeshConfig, load_config
     from distill.errors import ConfigError
-    from distill.parallel import make_mesh, state_memory
-    from distill.trainer import _build_models, _plan, abstract_state, state_shardings
+    from distill.experiment import resolve
+    from distill.parallel import state_memory
+    from distill.setup import placement
 
     base = load_config(args.config, args.overrides)
     print(f"{base.run.name}: {jax.device_count()} {jax.devices()[0].platform} devices; MiB per device "
@@ -53,16 +54,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for text in args.mesh or DEFAULT_MESHES:
         cfg = dataclasses.replace(base, mesh=MeshConfig(**{"data": 1, **parse_mesh(text)}))
-        models = _build_models(cfg, abstract=True)
-        plan = _plan(cfg, models, make_mesh(cfg.mesh))
-        shapes = abstract_state(plan, models)
         try:
-            shardings = state_shardings(plan, shapes)
+            placed = placement(resolve(cfg))
         except ConfigError as error:
             print(f"| {text} | cannot shard: {error} | | | | |")
             continue
-        placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
-        for name, row in state_memory(placed, [s.name for s in cfg.students]).items():
+        for name, row in state_memory(placed.abstract_state(), [s.name for s in cfg.students]).items():
             mib = lambda b: b / 2**20  # noqa: E731
             print(f"| {text} | {name} | {mib(row['params']):.2f} | {mib(row['optimizer']):.2f} | "
                   f"{mib(row['params'] + row['optimizer']):.2f} | {row['fraction']:.3f} |")

@@ -9,7 +9,7 @@ Sections (all in one process, so every ratio is measured side by side; times are
 round-robin repeats after an excluded warm-up):
 
 1. roofline: a large float32 and bfloat16 matmul through XLA, GFLOP/s. The denominator of MFU.
-2. codistill: the real jitted co-distillation step (`distill.trainer.compiled_step` on
+2. codistill: the real jitted co-distillation step (`distill.setup.compiled_step` on
    `initial_state` and `random_batch`) of the quickstart config and of a larger one (teacher 47.5M
    total / 12.1M active parameters), with the teacher co-trained and frozen: tokens/s and MFU.
    Model FLOPs per step: 3x the forward FLOPs (`ModelConfig.forward_flops_per_token`: active
@@ -54,7 +54,8 @@ from model import jax_model_step  # noqa: E402
 
 import distill  # noqa: E402
 from distill.config import Config  # noqa: E402
-from distill.trainer import compiled_step, initial_state, random_batch  # noqa: E402
+from distill.experiment import resolve  # noqa: E402
+from distill.setup import compiled_step, initial_state, random_batch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
@@ -99,7 +100,7 @@ def step_timing(name: str, cfg: Config, *, with_students: bool = True) -> Timing
 
 def step_flops(cfg: Config) -> float:
     """Model FLOPs of one step: 3 forwards for each model that trains, 1 for a frozen teacher."""
-    teacher, students = cfg.forward_flops_per_step()
+    teacher, students = resolve(cfg).forward_flops_per_step()
     return teacher * (3 if cfg.teacher.trains else 1) + 3 * sum(students)
 
 
@@ -148,7 +149,7 @@ def section_codistill(plan, results):
             timing = step_timing(f"{label} {mode}", cfg)
             measure([timing], plan["repeats"], plan["budget_s"])
             flops, tokens = step_flops(cfg), cfg.data.batch_size * cfg.data.seq_len
-            rows.append([label, mode, params(cfg.teacher_model()), params(cfg.student_model(0)),
+            rows.append([label, mode, params(resolve(cfg).teacher.model), params(resolve(cfg).students[0].model),
                          f"{cfg.data.batch_size} x {cfg.data.seq_len}", f"{timing.compile_s:.1f}", ms(timing.median),
                          f"{tokens / timing.median:,.0f}", f"{flops / 1e9:,.1f}", f"{gflops(flops, timing.median):,.1f}",
                          mfu(flops, timing.median, peak), timing.repeats])
@@ -164,9 +165,9 @@ def section_mfu(plan, results):
     peak = roofline(results)
     rows, raw = [], []
     for d, batch, seq in plan["mfu"]:
-        cfg = load().student_model(0).replace(hidden_size=d, intermediate_size=2 * d, intermediate_size_mlp=4 * d,
-                                              num_attention_heads=d // 64, num_key_value_heads=d // 128,
-                                              num_local_experts=8)
+        cfg = resolve(load()).students[0].model.replace(
+            hidden_size=d, intermediate_size=2 * d, intermediate_size_mlp=4 * d, num_attention_heads=d // 64,
+            num_key_value_heads=d // 128, num_local_experts=8)
         timing = measure([jax_model_step(f"d{d}", cfg, batch, seq)], plan["repeats"], plan["budget_s"])[0]
         flops = 3 * cfg.forward_flops_per_token(seq) * batch * seq
         rows.append([d, params(cfg), f"{batch} x {seq}", ms(timing.median), f"{gflops(flops, timing.median):,.1f}",
@@ -181,7 +182,7 @@ def section_mfu(plan, results):
 def section_amortise(plan, results):
     one = load("students=[{name: distilled, preset: cpu-student}]")
     two = load()
-    student = two.student_model(0)
+    student = resolve(two).students[0].model
     batch, seq = two.data.batch_size, two.data.seq_len
     timings = [step_timing("teacher + 1 student", one), step_timing("teacher + 2 students", two),
                jax_model_step("the student alone", student, batch, seq)]
@@ -202,7 +203,7 @@ def section_amortise(plan, results):
 def torch_codistill_timing(name: str, cfg: Config, compiled: bool) -> Timing:
     import torch
 
-    models = [torch_llama4(cfg.teacher_model())] + [torch_llama4(cfg.student_model(i)) for i in range(len(cfg.students))]
+    models = [torch_llama4(model) for _, model in resolve(cfg).models()]
     forwards = [torch.compile(m) if compiled else m for m in models]
     optimizer = torch.optim.AdamW([p for m in models for p in m.parameters()], lr=1e-3, weight_decay=0.1)
     ids = torch.from_numpy(random_tokens(cfg.data.batch_size, cfg.data.seq_len, 256, 1).astype("int64"))

@@ -25,11 +25,11 @@ WAYS = {
     "imports": "",
     "whole checkpoint": """
 _, tree = checkpoint_tree(run_dir)
-model_with_params(cfg.teacher_model(), tree["teacher"]["params"], run_dir)
+model_with_params(teacher_model, tree["teacher"]["params"], run_dir)
 """,
     "teacher only": """
 from teacher.sources import teacher_from_run
-teacher_from_run(run_dir, cfg.teacher_model())
+teacher_from_run(run_dir, teacher_model)
 """,
 }
 
@@ -38,10 +38,12 @@ import json, resource, sys, time
 import jax
 from flax import nnx
 from distill.model import build_model
-from distill.runs import checkpoint_tree, model_with_params, run_config
+from distill.experiment import resolve
+from distill.rundir import run_config
+from distill.runs import checkpoint_tree, model_with_params
 run_dir = sys.argv[1]
-cfg = run_config(run_dir)
-shapes = nnx.state(nnx.eval_shape(lambda: build_model(cfg.teacher_model())), nnx.Param)
+teacher_model = resolve(run_config(run_dir)).teacher.model
+shapes = nnx.state(nnx.eval_shape(lambda: build_model(teacher_model)), nnx.Param)
 teacher_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 jax.numpy.zeros(1).block_until_ready()
 start = time.perf_counter()

@@ -32,6 +32,7 @@ from offline import pretrain_steps
 from seeds import mean_curve, mean_std, relative_change, run_or_read, save_figure
 
 from distill.config import load_config
+from distill.experiment import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +60,7 @@ def step_seconds(online_cfg, cached_cfg, repeats: int = 12) -> tuple[float, floa
     """Median seconds of one training step of each config, timed round-robin on random batches."""
     import jax
 
-    from distill.trainer import compiled_step, initial_state, random_batch
+    from distill.setup import compiled_step, initial_state, random_batch
 
     steps = []
     for cfg in (online_cfg, cached_cfg):
@@ -148,7 +149,7 @@ def main() -> int:
                                            "teacher.source=cache", f"teacher.path={args.out / 'cache' / f'seed-{first}'}",
                                            f"students={same_students}"])
     online_s, cached_s = step_seconds(online_cfg, cached_cfg)
-    teacher_flops, student_flops = online_cfg.forward_flops_per_step()
+    teacher_flops, student_flops = resolve(online_cfg).forward_flops_per_step()
     print(f"\nStep time, the same two students ({online_student}, {control}), median of 12 side by side: online "
           f"(frozen teacher forward) {online_s * 1e3:.1f} ms, from the cache {cached_s * 1e3:.1f} ms: "
           f"{cached_s / online_s:.2f}x; FLOPs: {3 * sum(student_flops) / (teacher_flops + 3 * sum(student_flops)):.2f}x")

@@ -28,15 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-
 from seeds import mean_and_spread, save_figure
 
-from distill.config import OptimConfig
 from distill.data import DataConfig, build_data
 from distill.metap import scale_init, scale_learning_rates
 from distill.model import build_model
-from distill.step import make_optimizer
+from distill.optim import OptimConfig, make_optimizer
 from student.presets import STUDENT_PRESETS
+
 
 def widen(m: int, base_width: int):
     """The cpu-student layer plan at hidden size base_width * m (32 per attention head)."""

@@ -26,7 +26,8 @@ from pathlib import Path
 from seeds import mean_curve, mean_std, relative_change, run_or_read, save_figure
 
 from distill.config import load_config
-from distill.trainer import control_for
+from distill.experiment import resolve
+from distill.rundir import control_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +41,7 @@ def pretrain_steps(steps: int, warmup: int) -> int:
 def flops_at(cfg, arm: str, step: int, pretrain: int) -> float:
     """Training FLOPs an arm ("codistill", "offline", or its "teacher" pre-training) has spent at
     run step `step` (in the co-distillation arm the students train from the warm-up on)."""
-    teacher, per_student = cfg.forward_flops_per_step()
+    teacher, per_student = resolve(cfg).forward_flops_per_step()
     students = sum(per_student)
     if arm == "teacher":  # pre-training alone
         return 3 * teacher * step

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from distill.config import load_config
-from distill.trainer import control_for, finished_summary
+from distill.rundir import control_for, finished_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import distill
 from distill.config import load_config
 from distill.data import DataConfig, DataError, build_data
 from distill.data.digits import DIGIT_NAMES, PROMPT, check_image_models, name_start
@@ -107,4 +108,4 @@ def test_models_must_match_the_images():
 def test_experiment_config_loads():
     cfg = load_config("experiments/digits.yaml")
     assert cfg.data.source == "digits"
-    assert all(m.vision is not None for m in [cfg.teacher_model(), cfg.student_model(0), cfg.student_model(1)])
+    assert all(m.vision is not None for m in [model for _, model in distill.resolve(cfg).models()])

@@ -23,7 +23,7 @@ import distill
 from distill.config import MeshConfig
 from distill.parallel import all_expert_gathers, bytes_per_device, collectives
 from distill.runs import restore_state
-from distill.trainer import compiled_step
+from distill.setup import compiled_step
 
 CONFIG = Path(__file__).with_name("sharded.yaml")
 
@@ -44,7 +44,7 @@ def main() -> None:
         cfg = distill.load_config(CONFIG, overrides)
         distill.run(cfg, stop_after=job.get("stop_after"))
         found = collectives(compiled_step(cfg).as_text()) if job.get("collectives") else Counter()
-        models = [cfg.teacher_model()] + [cfg.student_model(i) for i in range(len(cfg.students))]
+        models = [model for _, model in distill.resolve(cfg).models()]
         _, _, state, step = restore_state(job["run_dir"], mesh=MeshConfig(**mesh))
         implied = bytes_per_device(state)  # from each array's sharding alone
         held = {}

@@ -14,12 +14,11 @@ import pytest
 from flax import nnx
 
 import distill
-from distill.config import OptimConfig
 from distill.errors import ConfigError
 from distill.metap import multipliers, scale_init, scale_learning_rates
 from distill.model import build_model
-from distill.parallel import param_path
-from distill.step import make_optimizer
+from distill.model.layout import param_path
+from distill.optim import OptimConfig, make_optimizer
 from student.presets import STUDENT_PRESETS
 
 TINY = Path(__file__).with_name("tiny.yaml")

@@ -114,7 +114,7 @@ def test_config_refuses_what_on_policy_cannot_do(overrides, message):
 
 def test_a_control_student_ignores_the_run_level_on_policy_setting():
     cfg = distill.load_config(TINY, ["loss.on_policy={fraction: 0.5, prompt_tokens: 4}"])
-    assert cfg.student_loss(1).on_policy.active and cfg.students[1].control
+    assert distill.resolve(cfg).students[1].loss.on_policy.active and cfg.students[1].control
 
 
 SHARDED_RUN = """

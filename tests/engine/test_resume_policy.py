@@ -75,8 +75,6 @@ def test_a_run_written_before_an_option_existed_is_the_same_config(finished):
     """config.yaml of an older version lacks fields added since: they take their defaults, so the
     run still counts as finished (scripts read it) and resumes without --resume; a real change is
     still refused, and a config.yaml that no longer loads is compared as written."""
-    from distill.trainer import finished_summary
-
     cfg = tiny(finished)
     written = yaml.safe_load((finished / "config.yaml").read_text())
     del written["loss"]["teacher_tail"], written["students"][0]["loss"]

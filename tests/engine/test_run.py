@@ -19,7 +19,7 @@ from distill.data import build_data
 from distill.errors import ConfigError
 from distill.run_logger import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree, load_models
-from distill.trainer import finished_summary
+from distill.rundir import finished_summary
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -84,7 +84,7 @@ def test_frozen_teacher_gets_no_updates(tmp_path):
     cfg = tiny(tmp_path / "frozen", **{"teacher.trainable": "false", "teacher.warmup_steps": 0})
     distill.run(cfg)
     saved = restore_raw(tmp_path / "frozen")
-    fresh = distill.build_model(cfg.teacher_model(), seed=cfg.train.seed)
+    fresh = distill.build_model(distill.resolve(cfg).teacher.model, seed=cfg.train.seed)
     from flax import nnx
     for a, b in zip(leaves(nnx.to_pure_dict(nnx.state(fresh, nnx.Param))), leaves(saved["teacher"]["params"]),
                     strict=True):
@@ -170,10 +170,10 @@ def test_eval_export_and_import_hf_commands(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert distill_cli.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
     # The imported directory is a teacher source; the exported student comes back as a frozen teacher.
-    student_model = distill.load_config(TINY).student_model(0)
+    student_model = distill.resolve(distill.load_config(TINY)).students[0].model
     cfg = tiny(tmp_path / "from-import", **{"teacher.source": "run", "teacher.path": str(tmp_path / "imported"),
                                             "teacher.model": "{}", "teacher.warmup_steps": 0, "train.steps": 2})
-    assert cfg.teacher_model().hidden_size == student_model.hidden_size
+    assert distill.resolve(cfg).teacher.model.hidden_size == student_model.hidden_size
     distill.run(cfg)
     reference = hf.from_hf(tmp_path / "hf")
     for a, b in zip(leaves(restore_raw(tmp_path / "from-import")["teacher"]["params"]),

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import distill
-from distill.config import TrainConfig, build_config, load_config
+from distill.config import TrainConfig, build_config
 from distill.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,8 +16,8 @@ TINY = Path(__file__).with_name("tiny.yaml")
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")) + [TINY], ids=lambda p: p.name)
 def test_every_config_file_loads(path):
-    cfg = load_config(path)
-    assert cfg.students and cfg.teacher_model().vocab_size == cfg.student_model(0).vocab_size
+    exp = distill.resolve(distill.load_config(path))
+    assert exp.students and exp.teacher.model.vocab_size == exp.students[0].model.vocab_size
 
 
 @pytest.mark.parametrize("override, message", [
@@ -38,7 +38,7 @@ def test_every_config_file_loads(path):
 ])
 def test_bad_overrides_name_the_field(override, message):
     with pytest.raises(ConfigError) as error:
-        load_config(TINY, [override])
+        distill.load_config(TINY, [override])
     assert message in str(error.value)
 
 
@@ -62,7 +62,7 @@ def test_a_keyword_naming_a_section_replaces_it():
 def test_student_shorthand_and_list_overrides():
     cfg = build_config({"student": {"name": "solo", "preset": "cpu-student-tiny"}}, ["student.control=true"])
     assert [s.name for s in cfg.students] == ["solo"] and cfg.students[0].control
-    cfg = load_config(TINY, ["students.1.name=baseline"])
+    cfg = distill.load_config(TINY, ["students.1.name=baseline"])
     assert [s.name for s in cfg.students] == ["distilled", "baseline"]
     with pytest.raises(ConfigError, match="give one of them"):
         build_config({"student": {}, "students": [{}]})
@@ -70,16 +70,16 @@ def test_student_shorthand_and_list_overrides():
 
 def test_duplicate_student_names_are_refused():
     with pytest.raises(ConfigError, match="names must be unique"):
-        load_config(TINY, ["students.1.name=distilled"])
+        distill.load_config(TINY, ["students.1.name=distilled"])
 
 
 def test_no_students_pretrains_the_teacher_and_needs_it_trainable():
-    cfg = load_config(TINY, ["students=[]", "train.steps=7"])
+    cfg = distill.load_config(TINY, ["students=[]", "train.steps=7"])
     assert cfg.students == () and cfg.teacher_warmup() == 7  # every step teacher-only
     with pytest.raises(ConfigError, match="students: at least one student is required when the teacher is frozen"):
-        load_config(TINY, ["students=[]", "teacher.trainable=false"])
+        distill.load_config(TINY, ["students=[]", "teacher.trainable=false"])
 
 
 def test_resolved_config_round_trips():
-    cfg = load_config(TINY)
+    cfg = distill.load_config(TINY)
     assert build_config(cfg.to_dict()) == cfg

@@ -13,17 +13,18 @@ import distill
 import losses
 from distill.data import build_data
 from distill.parallel import single_device_mesh
+from distill.setup import build_models, fresh_state, step_plan
 from distill.step import eval_metrics, eval_step, train_step
-from distill.trainer import _build_models, _initial_state, _plan
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
 
 def setup(**overrides):
     cfg = distill.load_config(TINY, [f"{k}={v}" for k, v in overrides.items()])
-    models = _build_models(cfg)
-    plan = _plan(cfg, models, single_device_mesh())
-    state = _initial_state(plan, models)
+    exp = distill.resolve(cfg)
+    models = build_models(exp)
+    plan = step_plan(exp, models, single_device_mesh())
+    state = fresh_state(plan, models)
     data = build_data(cfg.data, seed=cfg.train.seed)
     batch = next(data.train_iterator())
     micro = {k: jnp.asarray(v.reshape(cfg.train.grad_accum, -1, *v.shape[1:])) for k, v in batch.items()}

@@ -10,7 +10,7 @@ from flax import nnx
 
 import distill
 from distill.data import build_data
-from distill.trainer import compiled_step, initial_state, random_batch
+from distill.setup import compiled_step, initial_state, random_batch
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -28,7 +28,7 @@ def test_random_batch_has_the_layout_of_real_batches():
 def test_initial_state_is_a_fresh_runs_and_the_step_trains_it():
     cfg = distill.load_config(TINY, ["teacher.warmup_steps=0"])
     state = initial_state(cfg)
-    fresh = nnx.to_pure_dict(nnx.state(distill.build_model(cfg.teacher_model(), seed=cfg.train.seed), nnx.Param))
+    fresh = nnx.to_pure_dict(nnx.state(distill.build_model(distill.resolve(cfg).teacher.model, seed=cfg.train.seed), nnx.Param))
     for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.teacher.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     step, batch = compiled_step(cfg), random_batch(cfg)

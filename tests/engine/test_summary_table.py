@@ -1,6 +1,6 @@
 """The final table of `distill run`: every model's validation bpb, each student against its control."""
 
-from distill.trainer import control_for, format_table
+from distill.rundir import control_for, format_table
 
 
 def summary(bpb: dict, controls: list[str]) -> dict:

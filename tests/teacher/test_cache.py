@@ -19,9 +19,11 @@ import distill
 from distill.data import build_data
 from distill.errors import ConfigError
 from distill.runs import load_models
-from distill.trainer import compiled_step, initial_state, random_batch, run
+from distill.setup import compiled_step, initial_state, random_batch
+from distill.trainer import run
 from teacher import cache as cache_module
-from teacher.cache import TeacherCache, read_meta, write_cache
+from teacher.cache import TeacherCache, read_meta
+from teacher.cache_writer import write_cache
 
 TINY = Path(__file__).parents[1] / "engine" / "tiny.yaml"
 K = 16
@@ -184,7 +186,7 @@ def test_refusals_name_the_field_and_change_nothing(trained, tmp_path, digests):
 def test_cached_teacher_costs_no_flops_and_its_step_compiles_from_shapes(trained):
     _, cache_dir = trained
     cfg = tiny(**{"teacher.source": "cache", "teacher.path": cache_dir, "teacher.warmup_steps": 0})
-    teacher_flops, student_flops = cfg.forward_flops_per_step()
+    teacher_flops, student_flops = distill.resolve(cfg).forward_flops_per_step()
     assert teacher_flops == 0 and all(f > 0 for f in student_flops)
     step = compiled_step(cfg)
     _, metrics = step(initial_state(cfg), random_batch(cfg))

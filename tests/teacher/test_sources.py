@@ -5,6 +5,7 @@ A teacher from a HF directory (`hf`) is converted, placed, and the students star
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,11 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import distill
-import distill.trainer
+import teacher.sources
 from distill.errors import ConfigError
-from distill.runs import checkpoint_tree
+from distill.hf import to_hf
+from distill.runs import checkpoint_tree, model_with_params
+from distill.setup import initial_state
 
 SHARDED = Path(__file__).parents[1] / "engine" / "sharded.yaml"
 
@@ -41,29 +45,29 @@ def from_run(source: Path, *overrides: str):
 def saved_teacher(source: Path) -> list[np.ndarray]:
     """The source's teacher parameters read the old way (the whole checkpoint, on the host), in the
     leaf order of an nnx.State (numeric keys in numeric order)."""
-    from distill.runs import model_with_params
-    from flax import nnx
-
     cfg = distill.load_config(source / "config.yaml")
-    model = model_with_params(cfg.teacher_model(), checkpoint_tree(source)[1]["teacher"]["params"], "source")
+    model = model_with_params(distill.resolve(cfg).teacher.model, checkpoint_tree(source)[1]["teacher"]["params"],
+                              "source")
     return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
 
 WORKER = """
 import json, sys
 import jax, numpy as np
-import distill, distill.trainer
-from distill.trainer import initial_state, state_shardings, _step_placement
+import dataclasses
+import distill, teacher.sources
+from distill.setup import initial_state, placement
 source, saved = sys.argv[1], sys.argv[2]
 overrides = ["teacher.source=run", f"teacher.path={source}", "teacher.model={}", "teacher.warmup_steps=0",
              "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]
 cfg = distill.load_config(sys.argv[3], overrides)
 def no_host_teacher(*args, **kwargs):
     raise AssertionError("the teacher was loaded on the host")
-load_teacher, distill.trainer.load_teacher = distill.trainer.load_teacher, no_host_teacher
+run_source = teacher.sources.SOURCES["run"]
+teacher.sources.SOURCES["run"] = dataclasses.replace(run_source, host_model=no_host_teacher)
 state = initial_state(cfg)
-distill.trainer.load_teacher = load_teacher
-_, _, shardings, _, _ = _step_placement(cfg)
+teacher.sources.SOURCES["run"] = run_source
+shardings = placement(distill.resolve(cfg)).state_sharding
 params, expected = jax.tree.leaves(state.teacher.params), jax.tree.leaves(shardings.teacher.params)
 saved = np.load(saved)
 same = [bool(np.array_equal(np.asarray(p), saved[f"a{i}"])) for i, p in enumerate(params)]
@@ -94,8 +98,9 @@ def test_a_run_teacher_is_read_into_its_shardings_on_a_mesh(source, tmp_path):
 
 def test_the_teacher_is_read_in_this_runs_parameter_dtype(source, monkeypatch):
     """`teacher.model.param_dtype: bfloat16` over a float32 checkpoint: the saved values, rounded."""
-    monkeypatch.setattr(distill.trainer, "load_teacher", lambda *a, **k: pytest.fail("a host teacher was loaded"))
-    state = distill.trainer.initial_state(from_run(source, "teacher.model={param_dtype: bfloat16}"))
+    monkeypatch.setitem(teacher.sources.SOURCES, "run", dataclasses.replace(
+        teacher.sources.SOURCES["run"], host_model=lambda *a, **k: pytest.fail("a host teacher was loaded")))
+    state = initial_state(from_run(source, "teacher.model={param_dtype: bfloat16}"))
     params = jax.tree.leaves(state.teacher.params)
     assert {p.dtype for p in params} == {jnp.dtype(jnp.bfloat16)}
     for got, saved in zip(params, saved_teacher(source), strict=True):
@@ -107,7 +112,7 @@ def test_a_student_copying_the_teacher_reads_it_on_the_host(source):
     teacher_shape = ("{vocab_size: 256, hidden_size: 32, intermediate_size: 32, intermediate_size_mlp: 64, "
                      "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, num_local_experts: 4, "
                      "interleave_moe_layer_step: 2, no_rope_layer_interval: 2, attention_chunk_size: 8, floor_scale: 8}")
-    state = distill.trainer.initial_state(from_run(source, "students.0.init=teacher", f"students.0.model={teacher_shape}"))
+    state = initial_state(from_run(source, "students.0.init=teacher", f"students.0.model={teacher_shape}"))
     for got, saved in zip(jax.tree.leaves(state.teacher.params), saved_teacher(source), strict=True):
         np.testing.assert_array_equal(np.asarray(got), saved)
 
@@ -115,16 +120,13 @@ def test_a_student_copying_the_teacher_reads_it_on_the_host(source):
 def test_a_hf_teacher_is_converted_placed_and_the_students_start_as_with_any_teacher(source, tmp_path):
     """`teacher.source: hf` on the source's teacher exported to a transformers directory: the same
     values (the conversion is exact in float32), and the students of a scratch run's first state."""
-    from distill.hf import to_hf
-    from teacher.sources import teacher_from_run
-
-    hf_dir = to_hf(teacher_from_run(source, distill.load_config(source / "config.yaml").teacher_model()),
-                   tmp_path / "hf")
-    state = distill.trainer.initial_state(distill.load_config(SHARDED, ["teacher.source=hf", f"teacher.path={hf_dir}",
+    source_teacher = distill.resolve(distill.load_config(source / "config.yaml")).teacher.model
+    hf_dir = to_hf(teacher.sources.teacher_from_run(source, source_teacher), tmp_path / "hf")
+    state = initial_state(distill.load_config(SHARDED, ["teacher.source=hf", f"teacher.path={hf_dir}",
                                                                        "teacher.model={}", "teacher.warmup_steps=0"]))
     for got, saved in zip(jax.tree.leaves(state.teacher.params), saved_teacher(source), strict=True):
         np.testing.assert_array_equal(np.asarray(got), saved)
-    scratch = distill.trainer.initial_state(distill.load_config(SHARDED))
+    scratch = initial_state(distill.load_config(SHARDED))
     for got, fresh in zip(jax.tree.leaves(state.students), jax.tree.leaves(scratch.students), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh))
 
