@@ -36,22 +36,10 @@ from distill.sweep.spec import (
     run_names,
     short_names,
 )
-from distill.sweep.state import (
-    Run,
-    RunResult,
-    Sweep,
-    build_sweep,
-    check_metric,
-    describe,
-    holds_config,
-    is_finished,
-    load_sweep,
-    report,
-)
+from distill.sweep.state import Run, RunResult, Sweep, build_sweep, check_metric, describe, load_sweep, report
 from distill.sweep.tables import Group, Report, Row, build_report, group_over_seeds, sort_rows, summary_metrics
 
 __all__ = ["Group", "RandomAxis", "Report", "Row", "Run", "RunResult", "Sweep", "SweepError", "SweepSpec",
            "build_report", "build_sweep", "check_metric", "default_parallel", "describe", "draw_random", "expand",
-           "format_value", "group_over_seeds", "holds_config", "is_finished", "launcher_command", "load_sweep",
-           "parse_spec", "process_env", "report", "run_names", "run_sweep", "short_names", "sort_rows",
-           "summary_metrics"]
+           "format_value", "group_over_seeds", "launcher_command", "load_sweep", "parse_spec", "process_env", "report",
+           "run_names", "run_sweep", "short_names", "sort_rows", "summary_metrics"]

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distill import rundir
 from distill.config import Config, save_config
 from distill.sweep.spec import SweepError
-from distill.sweep.state import Run, RunResult, Sweep, is_finished, read_results, read_summary, report, write_sweep_json
+from distill.sweep.state import Run, RunResult, Sweep, read_results, report, write_sweep_json
 
 LOG_NAME = "sweep.log"
 TAIL_LINES = 20
@@ -84,14 +85,14 @@ def launcher_command(template: str, command: list[str], run: Run) -> tuple[list[
 def _prepare_run_dir(run: Run, cfg: Config) -> None:
     """Create OUT/<name> with its config.yaml (as `distill run` writes it) so the log can live there:
     `distill run` takes a directory with a config.yaml for its own and refuses other non-empty ones."""
-    if (run.run_dir / "config.yaml").is_file() or (run.run_dir.exists() and any(run.run_dir.iterdir())):
+    if (run.run_dir / rundir.CONFIG_FILE).is_file() or (run.run_dir.exists() and any(run.run_dir.iterdir())):
         return
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.run_dir / "config.yaml")
+    save_config(cfg, run.run_dir / rundir.CONFIG_FILE)
 
 
 def _bpb_text(run_dir: Path) -> str:
-    summary = read_summary(run_dir) or {}
+    summary = rundir.read_summary(run_dir) or {}
     bpb = {m: v for m, v in (summary.get("bpb") or {}).items() if v is not None}
     return ("bpb " + " ".join(f"{m} {v:.4f}" for m, v in bpb.items())) if bpb else ""
 
@@ -233,12 +234,12 @@ def _local_result(item: _Active) -> RunResult:
     """completed (exit 0, finished), the status of the summary the run wrote (interrupted, preempted,
     nonfinite, ...), or failed."""
     code, run_dir = item.process.returncode, item.run.run_dir
-    summary_file = run_dir / "summary.json"
+    summary_file = run_dir / rundir.SUMMARY_FILE
     fresh = summary_file.is_file() and summary_file.stat().st_mtime >= item.started - 1
-    if code == 0 and is_finished(run_dir):
+    if code == 0 and rundir.completed(run_dir) is not None:
         status = "completed"
-    elif fresh and (read_summary(run_dir) or {}).get("status") not in (None, "completed"):
-        status = read_summary(run_dir)["status"]
+    elif fresh and (rundir.read_summary(run_dir) or {}).get("status") not in (None, "completed"):
+        status = rundir.read_summary(run_dir)["status"]
     else:
         status = "failed"
     tail = [] if status == "completed" else _log_tail(run_dir / LOG_NAME)

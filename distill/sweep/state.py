@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from distill import rundir
 from distill.config import Config, build_config
 from distill.errors import ConfigError
 from distill.sweep.spec import SweepError, SweepSpec, expand, format_value, parse_spec, run_names
@@ -50,9 +51,10 @@ class Sweep:
         return [python or sys.executable, "-m", "distill.cli", "run", self.base, *run.args]
 
     def finished(self, run: Run) -> bool:
-        """`run` completed with this sweep's config (a finished run of an edited sweep is not skipped:
-        `distill run` then refuses its directory, naming the changed keys)."""
-        return is_finished(run.run_dir) and holds_config(run.run_dir, self.configs[run.name])
+        """`run` completed and is the same run as this sweep's (`distill.rundir.finished_summary`): a
+        finished run of an edited sweep is not skipped, and `distill run` then refuses its directory,
+        naming the changed keys."""
+        return rundir.finished_summary(self.configs[run.name]) is not None
 
 
 def _read_yaml(path: Path, what: str) -> Any:
@@ -105,33 +107,6 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
 
 # ----------------------------------------------------------------------------- run state on disk
 
-def read_summary(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_finished(run_dir: Path) -> bool:
-    """The run completed: its summary says so and its final step's checkpoint is there."""
-    summary = read_summary(run_dir)
-    return bool(summary and summary.get("status") == "completed"
-                and (Path(run_dir) / "checkpoints" / str(summary.get("steps"))).is_dir())
-
-
-def holds_config(run_dir: Path, cfg: Config) -> bool:
-    """`run_dir/config.yaml` is `cfg` (run.dir aside): the directory's run is this run, not an older sweep's."""
-    try:
-        previous = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    resolved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    for tree in (previous, resolved):
-        if isinstance(tree, dict) and isinstance(tree.get("run"), dict):
-            tree["run"].pop("dir", None)
-    return previous == resolved
-
-
 @dataclass
 class RunResult:
     name: str
@@ -174,11 +149,11 @@ def collect_rows(sweep: Sweep) -> tuple[list[Row], list[dict]]:
     recorded = read_results(sweep.out)
     rows, summaries = [], []
     for run in sweep.runs:
-        summary = read_summary(run.run_dir)
+        summary = rundir.read_summary(run.run_dir)
         result = recorded.get(run.name)
         if sweep.finished(run):
             status = "completed"
-        elif is_finished(run.run_dir):
+        elif rundir.completed(run.run_dir) is not None:
             status, result = "stale", None
         elif result is not None:
             status = result.status

@@ -214,6 +214,17 @@ def test_a_finished_run_of_an_edited_sweep_is_not_skipped(tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped  temperature") == 4
 
 
+def test_a_finished_run_on_another_mesh_is_the_same_run(tmp_path):
+    """"Same run?" is distill.rundir's rule, the trainer's: placement (mesh, sharding rules, run.dir) aside."""
+    sweep = fake_sweep(tmp_path)
+    run = sweep.runs[0]
+    written = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    written["mesh"]["data"], written["run"]["dir"] = 1, "elsewhere"
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    assert sweep.finished(run)
+    assert {r.name: r.status for r in report(sweep, write=False).rows}[run.name] == "completed"
+
+
 def test_report_without_seeds_has_no_group_table():
     table = build_report(["loss.temperature"], [], [], None)
     assert table.groups == [] and table.metric == "bpb/teacher" and "Over seeds" not in table.markdown()
