@@ -189,12 +189,14 @@ def report(sweep: Sweep, metric: str | None = None, maximize: bool = False, writ
 # ----------------------------------------------------------------------------- before running
 
 def metric_names(sweep: Sweep) -> list[str]:
-    """The report columns every run will have (from the configs): bpb per model and students vs control."""
+    """The report columns every run will have (from the configs): bpb per model and each student
+    against its own control (`distill.rundir.control_for`)."""
     names = []
     for cfg in sweep.configs.values():
         controls = [s.name for s in cfg.students if s.control]
         names += [f"bpb/{m}" for m in ["teacher", *(s.name for s in cfg.students)]]
-        names += [diff_column(s.name, controls[0]) for s in cfg.students if controls and not s.control]
+        names += [diff_column(s.name, rundir.control_for(s.name, controls))
+                  for s in cfg.students if controls and not s.control]
     return list(dict.fromkeys(names))
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill import rundir
 from distill.sweep.spec import SEED_KEY, SweepError, format_value, short_names, suggest
 
 
@@ -38,15 +39,11 @@ def diff_column(student: str, control: str) -> str:
 
 def summary_metrics(summary: dict) -> dict[str, float]:
     """`bpb/<model>` for every model, `<student>_vs_<control>_pct` (100 (s - c) / c, negative is better)
-    for each non-control student against the first control, then every final eval metric."""
+    for each non-control student against its own control (`distill.rundir.control_for`, as the run's
+    final table pairs them), then every final eval metric."""
     bpb = {m: v for m, v in (summary.get("bpb") or {}).items() if v is not None}
     metrics = {f"bpb/{m}": float(v) for m, v in bpb.items()}
-    controls = [c for c in summary.get("controls") or [] if c in bpb]
-    if controls:
-        ref = bpb[controls[0]]
-        for model, value in bpb.items():
-            if model != "teacher" and model not in controls:
-                metrics[diff_column(model, controls[0])] = (value - ref) / ref * 100
+    metrics.update({diff_column(student, control): pct for student, control, pct in rundir.comparisons(summary)})
     metrics.update({k: float(v) for k, v in (summary.get("final") or {}).items() if isinstance(v, (int, float))})
     return metrics
 
