@@ -14,8 +14,23 @@ import yaml
 
 from distill import cli
 from distill.config import save_config
-from distill.sweep import (RandomAxis, SweepError, build_report, draw_random, expand, format_value, launcher_command,
-                           load_sweep, parse_spec, process_env, report, run_names, short_names)
+from distill.sweep import (
+    RandomAxis,
+    SweepError,
+    build_report,
+    check_metric,
+    draw_random,
+    expand,
+    format_value,
+    launcher_command,
+    load_sweep,
+    parse_spec,
+    process_env,
+    report,
+    run_names,
+    short_names,
+    summary_metrics,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -212,6 +227,49 @@ def test_a_finished_run_of_an_edited_sweep_is_not_skipped(tmp_path, capsys):
     assert "skipped" not in out and out.count("submitted") >= 4
     assert cli.main(["sweep", str(tmp_path / "s.yaml"), "--dir", str(sweep.out), "--launcher", "true"]) == 0
     assert capsys.readouterr().out.count("skipped  temperature") == 4
+
+
+def test_a_finished_run_on_another_mesh_is_the_same_run(tmp_path):
+    """"Same run?" is distill.rundir's rule, the trainer's: placement (mesh, sharding rules, run.dir) aside."""
+    sweep = fake_sweep(tmp_path)
+    run = sweep.runs[0]
+    written = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    written["mesh"]["data"], written["run"]["dir"] = 1, "elsewhere"
+    (run.run_dir / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    assert sweep.finished(run)
+    assert {r.name: r.status for r in report(sweep, write=False).rows}[run.name] == "completed"
+
+
+def test_each_student_is_compared_with_its_own_control(tmp_path):
+    """Two students, each with its control (experiments/experts.yaml's shape): the sweep pairs them as the
+    run's final table does (distill.rundir.control_for), not every student with the first control."""
+    base = yaml.safe_load(TINY.read_text())
+    model = base["students"][0]["model"]
+    base["students"] = [{"name": "a", "preset": None, "model": model}, {"name": "b", "preset": None, "model": model},
+                        {"name": "a-control", "preset": None, "control": True, "model": model},
+                        {"name": "b-control", "preset": None, "control": True, "model": model}]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump({"base": str(tmp_path / "base.yaml"), "seeds": [0]}))
+    sweep = load_sweep(path, out=tmp_path / "out")
+    summary = {"status": "completed", "steps": 10, "wall_seconds": 3.0, "controls": ["a-control", "b-control"],
+               "bpb": {"teacher": 0.5, "a": 1.0, "b": 0.9, "a-control": 1.25, "b-control": 1.0}, "final": {}}
+    run = sweep.runs[0]
+    (run.run_dir / "checkpoints" / "10").mkdir(parents=True)
+    save_config(sweep.configs[run.name], run.run_dir / "config.yaml")
+    (run.run_dir / "summary.json").write_text(json.dumps(summary))
+
+    pcts = {k: v for k, v in summary_metrics(summary).items() if k.endswith("_pct")}
+    assert pcts == {"a_vs_a-control_pct": pytest.approx(-20.0), "b_vs_b-control_pct": pytest.approx(-10.0)}
+    check_metric(sweep, "b_vs_b-control_pct")
+    with pytest.raises(SweepError, match="not a metric of the runs"):
+        check_metric(sweep, "b_vs_a-control_pct")
+    report(sweep)
+    row = next(csv.DictReader((sweep.out / "summary.csv").open()))
+    assert float(row["a_vs_a-control_pct"]) == pytest.approx(-20.0)
+    assert float(row["b_vs_b-control_pct"]) == pytest.approx(-10.0) and "b_vs_a-control_pct" not in row
+    markdown = (sweep.out / "summary.md").read_text()
+    assert "| a vs a-control | b vs b-control |" in markdown and "| -20.00% | -10.00% |" in markdown
 
 
 def test_report_without_seeds_has_no_group_table():

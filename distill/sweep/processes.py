@@ -1,0 +1,269 @@
+"""Running a sweep: local `distill run` processes sharing the machine (CPU sets, thread counts,
+device memory), or a launcher (e.g. sbatch) per run; Ctrl-C and SIGTERM passed on to the runs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distill import rundir
+from distill.config import Config, save_config
+from distill.sweep.spec import SweepError
+from distill.sweep.state import Run, RunResult, Sweep, read_results, report, write_sweep_json
+
+LOG_NAME = "sweep.log"
+TAIL_LINES = 20
+
+
+def _log_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def available_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def default_parallel(cores: int | None = None) -> int:
+    """1 on a machine with <= 2 cores, else half the cores."""
+    cores = len(available_cores()) if cores is None else cores
+    return 1 if cores <= 2 else cores // 2
+
+
+def _has_accelerator() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] != "cpu"
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/accel0", "/dev/kfd"))
+
+
+def process_env(parallel: int, slot: int, cores: list[int], accelerator: bool,
+                base: dict[str, str] | None = None) -> tuple[dict[str, str], list[int] | None]:
+    """The environment (and CPU set) of the run in `slot` when `parallel` runs share this machine.
+
+    CPU: each run gets `len(cores) // parallel` cores: its own CPU set (inherited affinity, which
+    XLA's thread pools size themselves by), NPROC / PJRT_NPROC (XLA's intra-op pool size), the
+    OpenMP / MKL / OpenBLAS thread counts, and with one core `--xla_cpu_multi_thread_eigen=false`.
+    Accelerator: each run may allocate 1 / parallel of the device memory (XLA_PYTHON_CLIENT_MEM_FRACTION).
+    """
+    env = dict(os.environ if base is None else base)
+    env["PYTHONUNBUFFERED"] = "1"
+    if parallel <= 1:
+        return env, None
+    if accelerator:
+        env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.2f}")
+        return env, None
+    per_run = max(1, len(cores) // parallel)
+    for name in ("NPROC", "PJRT_NPROC", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(per_run)
+    if per_run == 1 and "xla_cpu_multi_thread_eigen" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+    chosen = cores[slot * per_run:(slot + 1) * per_run]
+    return env, chosen if len(chosen) == per_run else None
+
+
+def launcher_command(template: str, command: list[str], run: Run) -> tuple[list[str] | str, bool]:
+    """(what to execute, through a shell?): `template` with {command}/{name}/{dir} substituted (a shell
+    line), or without placeholders the template's words followed by the run's command."""
+    if not any(p in template for p in ("{command}", "{name}", "{dir}")):
+        return shlex.split(template) + command, False
+    line = (template.replace("{command}", shlex.join(command)).replace("{name}", shlex.quote(run.name))
+            .replace("{dir}", shlex.quote(str(run.run_dir))))
+    return line, True
+
+
+def _prepare_run_dir(run: Run, cfg: Config) -> None:
+    """Create OUT/<name> with its config.yaml (as `distill run` writes it) so the log can live there:
+    `distill run` takes a directory with a config.yaml for its own and refuses other non-empty ones."""
+    if (run.run_dir / rundir.CONFIG_FILE).is_file() or (run.run_dir.exists() and any(run.run_dir.iterdir())):
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.run_dir / rundir.CONFIG_FILE)
+
+
+def _bpb_text(run_dir: Path) -> str:
+    summary = rundir.read_summary(run_dir) or {}
+    bpb = {m: v for m, v in (summary.get("bpb") or {}).items() if v is not None}
+    return ("bpb " + " ".join(f"{m} {v:.4f}" for m, v in bpb.items())) if bpb else ""
+
+
+@dataclass
+class _Active:
+    run: Run
+    process: subprocess.Popen
+    log: Any
+    slot: int
+    started: float
+
+
+def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None = None,
+              metric: str | None = None, maximize: bool = False,
+              echo: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict[str, RunResult]:
+    """Run every unfinished run (`parallel` processes at a time, or through `launcher`), skip finished
+    ones, record each result in OUT/sweep.json, then write the report. Returns name -> result."""
+    parallel = default_parallel() if parallel is None else parallel
+    if parallel < 1:
+        raise SweepError(f"--parallel {parallel}: must be >= 1")
+    results: dict[str, RunResult] = {}
+    pending = []
+    for run in sweep.runs:
+        if sweep.finished(run):
+            results[run.name] = RunResult(run.name, "completed", skipped=True)
+            echo(f"skipped  {run.name}: already completed ({_bpb_text(run.run_dir)})")
+        else:
+            pending.append(run)
+    earlier = {name: r for name, r in read_results(sweep.out).items() if name not in results}  # until re-run
+    write_sweep_json(sweep, {**earlier, **results})
+    total, done = len(sweep.runs), len(results)
+    echo(f"sweep {sweep.name}: {total} runs, {done} already completed, {len(pending)} to run"
+         + (f", {parallel} at a time" if not launcher else f" through {launcher!r}") + f"; out {sweep.out}")
+
+    def finish(run: Run, result: RunResult) -> None:
+        nonlocal done
+        results[run.name] = result
+        done += 1
+        write_sweep_json(sweep, {**earlier, **results})
+        wall = f" in {result.wall_seconds:.1f}s" if result.wall_seconds is not None else ""
+        detail = _bpb_text(run.run_dir) if result.status == "completed" else (
+            f"exit {result.exit_code}; log {run.run_dir / LOG_NAME}")
+        failed = sum(r.status not in ("completed", "submitted") for r in results.values())
+        echo(f"[{done}/{total}] {result.status:<9} {run.name}{wall}: {detail}"
+             + (f" ({failed} not completed so far)" if failed else ""))
+
+    try:
+        if launcher:
+            _launch_all(sweep, pending, launcher, finish, echo)
+        else:
+            _run_local(sweep, pending, parallel, finish, lambda line: echo(f"[{done}/{total}] {line}"))
+    finally:
+        write_sweep_json(sweep, {**earlier, **results})
+    table = report(sweep, metric=metric, maximize=maximize)
+    echo("\n" + table.markdown() + f"\nwritten: {sweep.out / 'summary.md'}, {sweep.out / 'summary.csv'}")
+    return results
+
+
+def _start(sweep: Sweep, run: Run, env: dict, cpus: list[int] | None) -> tuple[subprocess.Popen, Any]:
+    _prepare_run_dir(run, sweep.configs[run.name])
+    command = sweep.command(run)
+    log = open(run.run_dir / LOG_NAME, "a")  # noqa: SIM115 (open while the run writes to it)
+    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
+    log.flush()
+    previous = os.sched_getaffinity(0) if cpus and hasattr(os, "sched_setaffinity") else None
+    try:
+        if previous is not None:  # the child inherits this thread's CPU set
+            os.sched_setaffinity(0, cpus)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
+    finally:
+        if previous is not None:
+            os.sched_setaffinity(0, previous)
+    return process, log
+
+
+class _Stop(Exception):
+    """SIGTERM reached the sweep (e.g. its own job was preempted)."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) -> None:
+    """`parallel` runs at a time. The runs live in their own sessions, so a Ctrl-C (or SIGTERM) reaches
+    the sweep only, which passes one SIGINT (SIGTERM) on: each run checkpoints the step it is at and
+    stops; a second Ctrl-C passes a second SIGINT, which stops the runs at once."""
+    cores, accelerator = available_cores(), _has_accelerator()
+    queue, active = list(pending), []
+    free_slots = list(range(parallel))
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_stop) if main else None
+    try:
+        while queue or active:
+            while queue and free_slots:
+                run, slot = queue.pop(0), free_slots.pop(0)
+                env, cpus = process_env(parallel, slot, cores, accelerator)
+                process, log = _start(sweep, run, env, cpus)
+                active.append(_Active(run, process, log, slot, time.time()))
+                echo(f"start    {run.name}" + (f" (cpus {','.join(map(str, cpus))})" if cpus else ""))
+            time.sleep(0.2)
+            for item in [a for a in active if a.process.poll() is not None]:
+                active.remove(item)
+                free_slots.append(item.slot)
+                item.log.close()
+                finish(item.run, _local_result(item))
+    except (KeyboardInterrupt, _Stop) as stop:
+        signum = signal.SIGTERM if isinstance(stop, _Stop) else signal.SIGINT
+        echo(f"stopping {len(active)} running run(s) at their next step (Ctrl-C again: at once); "
+             "run the sweep again to resume them")
+        _stop_all(active, signum)
+        for item in active:
+            item.log.close()
+            finish(item.run, _local_result(item))
+        raise KeyboardInterrupt from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_all(active: list[_Active], signum: int) -> None:
+    for item in active:
+        if item.process.poll() is None:
+            item.process.send_signal(signum)
+    try:
+        for item in active:
+            item.process.wait()
+    except KeyboardInterrupt:
+        for item in active:
+            if item.process.poll() is None:
+                item.process.send_signal(signal.SIGINT)  # the second: the run stops at once
+        for item in active:
+            item.process.wait()
+
+
+def _local_result(item: _Active) -> RunResult:
+    """completed (exit 0, finished), the status of the summary the run wrote (interrupted, preempted,
+    nonfinite, ...), or failed."""
+    code, run_dir = item.process.returncode, item.run.run_dir
+    summary_file = run_dir / rundir.SUMMARY_FILE
+    fresh = summary_file.is_file() and summary_file.stat().st_mtime >= item.started - 1
+    if code == 0 and rundir.completed(run_dir) is not None:
+        status = "completed"
+    elif fresh and (rundir.read_summary(run_dir) or {}).get("status") not in (None, "completed"):
+        status = rundir.read_summary(run_dir)["status"]
+    else:
+        status = "failed"
+    tail = [] if status == "completed" else _log_tail(run_dir / LOG_NAME)
+    return RunResult(item.run.name, status, exit_code=code, wall_seconds=time.time() - item.started, log_tail=tail)
+
+
+def _launch_all(sweep: Sweep, pending: list[Run], launcher: str, finish, echo) -> None:
+    """Hand each run to `launcher` (e.g. sbatch): the run counts as submitted when it exits 0 (completed
+    when the launcher waited for the run and its summary says so)."""
+    for run in pending:
+        _prepare_run_dir(run, sweep.configs[run.name])
+        target, shell = launcher_command(launcher, sweep.command(run), run)
+        echo(f"launch   {run.name}: {target if shell else shlex.join(target)}")
+        started = time.time()
+        with open(run.run_dir / LOG_NAME, "a") as log:
+            log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} launcher $ {target if shell else shlex.join(target)}\n")
+            log.flush()
+            try:
+                code = subprocess.run(target, shell=shell, check=False, stdout=log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL).returncode
+            except OSError as error:
+                log.write(f"launcher could not start: {error}\n")
+                code = 127
+        status = "completed" if code == 0 and sweep.finished(run) else "submitted" if code == 0 else "failed"
+        tail = [] if status == "completed" else _log_tail(run.run_dir / LOG_NAME)
+        finish(run, RunResult(run.name, status, exit_code=code, wall_seconds=time.time() - started, log_tail=tail))
+
