@@ -45,7 +45,13 @@ def read_config_tree(run_dir: str | Path, where: str | None = None) -> dict:
     config_file = Path(run_dir) / CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(f"{where or run_dir}: not a run directory (no {CONFIG_FILE})")
-    return yaml.safe_load(config_file.read_text()) or {}
+    try:
+        tree = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where or run_dir}: its {CONFIG_FILE} is not valid YAML ({error})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where or run_dir}: its {CONFIG_FILE} is not a mapping of config sections")
+    return tree
 
 
 def run_config(run_dir: str | Path) -> Config:
@@ -119,13 +125,18 @@ def format_table(content: dict) -> str:
 
 # ----------------------------------------------------------------------------- same run, finished
 
+def _without(section, key: str):
+    """`section` minus `key`; a hand-written config.yaml may lack or misshape a section: kept as it is."""
+    return {k: v for k, v in section.items() if k != key} if isinstance(section, dict) else section
+
+
 def _placement_free(resolved: dict) -> dict:
     """A resolved config minus where things live (mesh, sharding rules, run.dir): a run may resume
     on another mesh, or after its directory was moved."""
-    kept = {k: v for k, v in resolved.items() if k != "mesh"}
-    kept["run"] = {k: v for k, v in kept["run"].items() if k != "dir"}
-    kept["teacher"] = {k: v for k, v in kept["teacher"].items() if k != "sharding"}
-    kept["students"] = [{k: v for k, v in s.items() if k != "sharding"} for s in kept["students"]]
+    kept = _without(resolved, "mesh")
+    kept["run"], kept["teacher"] = _without(kept.get("run"), "dir"), _without(kept.get("teacher"), "sharding")
+    students = kept.get("students")
+    kept["students"] = [_without(s, "sharding") for s in students] if isinstance(students, list) else students
     return kept
 
 
@@ -170,9 +181,10 @@ def finished_summary(cfg: Config) -> dict | None:
     there is none (absent, unfinished, or another config): a script or a sweep skips it."""
     run_dir = cfg.run.path
     content = completed(run_dir)
-    if content is None or not (run_dir / CONFIG_FILE).is_file() or config_changes(cfg, run_dir)[2]:
+    try:
+        return content if content is not None and not config_changes(cfg, run_dir)[2] else None
+    except ConfigError:  # no config.yaml, or one that does not read: not this run
         return None
-    return content
 
 
 # ----------------------------------------------------------------------------- preparing a run

@@ -15,6 +15,7 @@ import yaml
 
 from distill import rundir
 from distill.config import Config, build_config
+from distill.experiment import resolve
 from distill.errors import ConfigError
 from distill.sweep.spec import SweepError, SweepSpec, expand, format_value, parse_spec, run_names
 from distill.sweep.tables import Report, Row, build_report, diff_column, resolve_metric, summary_metrics
@@ -89,6 +90,7 @@ def build_sweep(spec: SweepSpec, out: str | Path, path: Path | None = None) -> S
                   overrides={**spec.overrides, **point, "run.dir": str(out / name)})
         try:
             configs[name] = build_config(raw, run.args)  # the very strings the run process will parse
+            resolve(configs[name])  # and what they point at, the models against each other
         except ConfigError as error:
             raise SweepError(f"run {name}: {error}") from None
         runs.append(run)
