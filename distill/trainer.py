@@ -113,87 +113,119 @@ def validation_batches(run: Run, cache: TeacherCache | None):
                     for i, batch in enumerate(batches))
 
 
-def _train(run: Run) -> dict:
-    cfg, placed, exp = run.cfg, run.placed, run.exp
-    steps, warmup, writer = cfg.train.steps, exp.teacher_warmup, jax.process_index() == 0
-    cache = None if exp.teacher.source.runs else TeacherCache(cfg.teacher.path)
-    batches = Batches(run, cache)
-    checkpoints = Checkpoints(cfg.run.path, keep=cfg.train.keep_checkpoints)
-    restored = checkpoints.restore_latest(placed.abstract_state()) if run.existing else None
-    if restored is not None:
-        state, meta = restored
-        batches.iterator.restore(meta["data"])
-        start = int(meta["step"])
-    else:  # a resumed run reads its checkpoint; only a fresh one builds (or loads) its models
-        state, start = placed_initial_state(exp, placed), 0
-    full_step = jit_step(placed, warmup, with_students=True)
-    teacher_step = jit_step(placed, warmup, with_students=False) if warmup else None
-    logger = RunLogger(cfg.run.path, hparams=hparams(cfg), enabled=writer,
-                       resume_step=start if restored is not None else None)
-    progress = Progress(total=steps, start=start, enabled=writer)
-    if start == 0:
-        logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
-    signals = StopSignals()
+class StopRequests:
+    """Why the loop stops after a step before the last: a signal (SIGTERM, SIGINT), or `stop_after`
+    steps run in this invocation."""
 
-    def stop_reason(done: int) -> str | None:
-        """Why the loop stops after step `done` before the last: a signal, or `stop_after` steps run."""
-        if done >= steps:
+    def __init__(self, steps: int, start: int, stop_after: int | None):
+        self.signals, self.steps, self.start, self.stop_after = StopSignals(), steps, start, stop_after
+
+    def reason(self, done: int) -> str | None:
+        if done >= self.steps:
             return None
-        if signals.status:
-            return signals.status
-        return "stopped" if run.stop_after is not None and done - start >= run.stop_after else None
+        if self.signals.status:
+            return self.signals.status
+        return "stopped" if self.stop_after is not None and done - self.start >= self.stop_after else None
 
-    evaluation = Evaluation(validation_sums(jit_eval(placed), validation_batches(run, cache)), cfg.train.eval_every,
-                            logger, progress)
-    hooks = [NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], state, cfg.train.log_every,
-                            cfg.train.checkpoint_every, cfg.train.on_nonfinite == "stop", checkpoints, progress),
-             MetricsLog(logger, progress, cfg.train.log_every, cfg.data.batch_size * cfg.data.seq_len,
-                        [FilteredRows(logger, batches.rows, run.data.tokenizer),
-                         WrittenRows(logger, {s.name: s.loss.on_policy.prompt_tokens for s in exp.students},
-                                     run.data.tokenizer),
-                         Histograms(logger)], start),
-             evaluation,
-             Checkpointing(checkpoints, cfg.train.checkpoint_every, batches.iterator.state, stop_reason)]
-    previous = rundir.read_summary(cfg.run.path) if restored is not None else None
-    trained_before = (previous or {}).get("train_seconds", 0.0)
-    status, loop_started, loop_ended = "completed", time.time(), None  # re-evaluating a finished run is not training
+
+class Session:
+    """One invocation's training: the state it starts from (a checkpoint, or a fresh one), the
+    jitted steps, and the hooks that log, evaluate and checkpoint."""
+
+    def __init__(self, run: Run):
+        cfg, placed, exp = run.cfg, run.placed, run.exp
+        self.run, self.writer = run, jax.process_index() == 0
+        cache = None if exp.teacher.source.runs else TeacherCache(cfg.teacher.path)
+        self.batches = Batches(run, cache)
+        self.checkpoints = Checkpoints(cfg.run.path, keep=cfg.train.keep_checkpoints)
+        restored = self.checkpoints.restore_latest(placed.abstract_state()) if run.existing else None
+        if restored is not None:
+            self.state, meta = restored
+            self.batches.iterator.restore(meta["data"])
+            self.start = int(meta["step"])
+        else:  # a resumed run reads its checkpoint; only a fresh one builds (or loads) its models
+            self.state, self.start = placed_initial_state(exp, placed), 0
+        previous = rundir.read_summary(cfg.run.path) if restored is not None else None
+        self.trained_before = (previous or {}).get("train_seconds", 0.0)
+        self.full_step = jit_step(placed, exp.teacher_warmup, with_students=True)
+        self.teacher_step = jit_step(placed, exp.teacher_warmup, with_students=False) if exp.teacher_warmup else None
+        self.logger = RunLogger(cfg.run.path, hparams=hparams(cfg), enabled=self.writer,
+                                resume_step=self.start if restored is not None else None)
+        self.progress = Progress(total=cfg.train.steps, start=self.start, enabled=self.writer)
+        if self.start == 0:
+            self.logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
+        self.stops = StopRequests(cfg.train.steps, self.start, run.stop_after)
+        self.evaluation = Evaluation(validation_sums(jit_eval(placed), validation_batches(run, cache)),
+                                     cfg.train.eval_every, self.logger, self.progress)
+        self.hooks = self._hooks()
+
+    def _hooks(self) -> list:
+        cfg, train, logger, progress = self.run.cfg, self.run.cfg.train, self.logger, self.progress
+        tokenizer = self.run.data.tokenizer
+        prompts = {s.name: s.loss.on_policy.prompt_tokens for s in self.run.exp.students}
+        array_logs = [FilteredRows(logger, self.batches.rows, tokenizer), WrittenRows(logger, prompts, tokenizer),
+                      Histograms(logger)]
+        return [NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train.log_every,
+                               train.checkpoint_every, train.on_nonfinite == "stop", self.checkpoints, progress),
+                MetricsLog(logger, progress, train.log_every, cfg.data.batch_size * cfg.data.seq_len, array_logs,
+                           self.start),
+                self.evaluation,
+                Checkpointing(self.checkpoints, train.checkpoint_every, self.batches.iterator.state, self.stops.reason)]
+
+    def loop(self) -> tuple[str, float]:
+        """Train from `start` to the last step, or until a hook or a stop request ends it; wait for the
+        last save. Returns the status and when training ended (a finished run started again is only
+        evaluated, which is not training time)."""
+        with self.stops.signals:
+            status = self._steps()
+            ended = time.time()
+            if status == "completed" and not self.evaluation.latest:
+                self.evaluation.latest = self.evaluation.evaluate(self.state)
+            self.checkpoints.wait()  # a failed final save is reported here, not hidden in close()
+        return status, ended
+
+    def _steps(self) -> str:
+        steps, warmup = self.run.cfg.train.steps, self.run.exp.teacher_warmup
+        for step in range(self.start, steps):
+            host_batch, batch = self.batches.take(step)
+            self.state, metrics = (self.teacher_step if step < warmup else self.full_step)(self.state, batch)
+            end = StepEnd(step + 1, step + 1 == steps, self.state, metrics, host_batch)
+            stop = after_step(self.hooks, end) or self.stops.reason(end.done)
+            if stop:
+                if stop in StopSignals.SIGNALS.values():
+                    print(f"\ndistill run: {stop} at step {end.done}: checkpoint saved; run the same command to "
+                          "resume", file=sys.stderr)
+                return stop
+        return "completed"
+
+    def summary(self, status: str, train_seconds: float) -> dict:
+        """Close the checkpoints and logs; summary.json's content (written by process 0)."""
+        self.checkpoints.close()
+        self.progress.close()
+        summary = rundir.summary(self.run.cfg, status, self.evaluation.latest, wall_seconds=time.time() - self.run.started,
+                                 train_seconds=self.trained_before + train_seconds, resumed_from=self.start)
+        if self.writer:
+            rundir.write_summary(self.run.cfg.run.path, summary)
+        self.logger.finish(dict(self.evaluation.latest))
+        self.logger.close()
+        return summary
+
+
+def _train(run: Run) -> dict:
+    session = Session(run)
+    status, started, ended = "failed", time.time(), None
     try:
-        with signals:
-            for step in range(start, steps):
-                host_batch, batch = batches.take(step)
-                state, metrics = (teacher_step if step < warmup else full_step)(state, batch)
-                end = StepEnd(step + 1, step + 1 == steps, state, metrics, host_batch)
-                stop = after_step(hooks, end) or stop_reason(end.done)
-                if stop:
-                    status = stop
-                    if stop in StopSignals.SIGNALS.values():
-                        print(f"\ndistill run: {stop} at step {end.done}: checkpoint saved; run the same command to "
-                              "resume", file=sys.stderr)
-                    break
-            loop_ended = time.time()
-            if not evaluation.latest and status == "completed":  # a finished run started again: its final state
-                evaluation.latest = evaluation.evaluate(state)
-            checkpoints.wait()  # a failed final save is reported here, not hidden in close()
+        status, ended = session.loop()
     except CheckpointWriteError as error:
         status = "save_failed"
         print(f"\ndistill run: {error}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
-    except Exception:
-        status = "failed"
-        raise
     finally:
-        checkpoints.close()
-        progress.close()
-        train_seconds = trained_before + ((loop_ended or time.time()) - loop_started if start < steps else 0.0)
-        summary = rundir.summary(cfg, status, evaluation.latest, wall_seconds=time.time() - run.started,
-                                 train_seconds=train_seconds, resumed_from=start)
-        if writer:
-            rundir.write_summary(cfg.run.path, summary)
-        logger.finish(dict(evaluation.latest))
-        logger.close()
-    if writer:
+        trained = (ended or time.time()) - started if session.start < run.cfg.train.steps else 0.0
+        summary = session.summary(status, trained)
+    if session.writer:
         print(rundir.format_table(summary))
     return summary
 

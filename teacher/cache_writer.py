@@ -37,7 +37,7 @@ def _identity(exp: Experiment, k: int, eval_batches: int) -> dict:
             "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len, "eval_batches": eval_batches}
 
 
-def _write_json(path: Path, value: dict) -> None:
+def write_json_atomically(path: Path, value: dict) -> None:
     """Atomically: a crash leaves the previous meta.json, never half of one."""
     partial = path.with_suffix(".json.partial")
     partial.write_text(json.dumps(value, indent=2))
@@ -109,7 +109,7 @@ def write_cache(cfg: Config, out: str | Path, k: int, *, progress: bool = True) 
         meta = {**identity, "written": {"train": 0, "eval": 0}, "complete": False, "write_seconds": 0.0}
         for split, count in (("train", cfg.train.steps), ("eval", len(validation))):
             _create(out, split, count, exp, k)
-        _write_json(meta_file, meta)
+        write_json_atomically(meta_file, meta)
     if meta["complete"]:
         return meta
     arrays = {split: load_arrays(out, split, "r+") for split in ("train", "eval")}
@@ -125,7 +125,7 @@ def write_cache(cfg: Config, out: str | Path, k: int, *, progress: bool = True) 
             array.flush()
         meta["written"][split] = count
         meta["write_seconds"] = written_before + time.time() - started
-        _write_json(meta_file, meta)
+        write_json_atomically(meta_file, meta)
 
     iterator = data.train_iterator()
     iterator.restore({"epoch": meta["written"]["train"] // iterator.steps_per_epoch,

@@ -10,9 +10,11 @@ import pytest
 import yaml
 
 import distill
+import distill.trainer
 from distill import cli
 from distill.errors import ConfigError
 from distill.run_logger import read_metrics_jsonl
+from distill.rundir import finished_summary
 
 TINY = Path(__file__).with_name("tiny.yaml")
 SHORT = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=4", "teacher.warmup_steps=0"]
@@ -93,9 +95,7 @@ def test_a_resumed_run_reads_its_checkpoint_without_building_its_models(finished
     """The checkpoint is read straight into the state's shardings: no model is initialised, and no
     teacher loaded, only to be overwritten (a teacher from a HF directory was converted again on
     every resume)."""
-    import distill.trainer
-
-    monkeypatch.setattr(distill.trainer, "_placed_initial_state", lambda *args: pytest.fail("models built to resume"))
+    monkeypatch.setattr(distill.trainer, "placed_initial_state", lambda *args: pytest.fail("models built to resume"))
     summary = distill.run(tiny(finished, "train.steps=6"), on_changed_config="resume")
     assert summary["status"] == "completed"
     assert [row["step"] for row in read_metrics_jsonl(finished) if "student/distilled/loss" in row][-1] == 6

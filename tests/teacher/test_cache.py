@@ -21,7 +21,7 @@ from distill.errors import ConfigError
 from distill.runs import load_models
 from distill.setup import compiled_step, initial_state, random_batch
 from distill.trainer import run
-from teacher import cache as cache_module
+from teacher import cache_writer as cache_module
 from teacher.cache import TeacherCache, read_meta
 from teacher.cache_writer import write_cache
 
@@ -122,7 +122,7 @@ def test_students_from_the_cache_equal_students_distilled_online_from_the_frozen
 def test_an_interrupted_write_resumes_to_the_same_cache(trained, tmp_path, monkeypatch):
     teacher_dir, whole = trained
     cfg = from_teacher(teacher_dir)
-    original = cache_module._write_json
+    original = cache_module.write_json_atomically
     calls = []
 
     def interrupt_after_six_saves(path, value):
@@ -132,14 +132,14 @@ def test_an_interrupted_write_resumes_to_the_same_cache(trained, tmp_path, monke
             raise KeyboardInterrupt
 
     monkeypatch.setattr(cache_module, "SAVE_EVERY_SECONDS", 0.0)
-    monkeypatch.setattr(cache_module, "_write_json", interrupt_after_six_saves)
+    monkeypatch.setattr(cache_module, "write_json_atomically", interrupt_after_six_saves)
     with pytest.raises(KeyboardInterrupt):
         write_cache(cfg, tmp_path / "cache", K, progress=False)
     partial = read_meta(tmp_path / "cache")
     assert not partial["complete"] and partial["written"] == {"train": 5, "eval": 0}
     with pytest.raises(ConfigError, match="incomplete .* run the same `distill cache` command again"):
         TeacherCache(tmp_path / "cache")
-    monkeypatch.setattr(cache_module, "_write_json", original)
+    monkeypatch.setattr(cache_module, "write_json_atomically", original)
     write_cache(cfg, tmp_path / "cache", K, progress=False)
     for path in whole.glob("*.npy"):
         np.testing.assert_array_equal(np.load(path), np.load(tmp_path / "cache" / path.name))
