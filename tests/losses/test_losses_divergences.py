@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import losses
 import losses_reference as ref
 
-KINDS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd"]
+KINDS = list(losses.KD_TERMS)
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"lam": 0.1}, "skew_reverse_kl": {"lam": 0.2},
           "dkd": {"alpha": 1.0, "beta": 2.0}}
 VOCAB = 37
@@ -28,8 +28,7 @@ def labels_for(seed, shape, vocab=VOCAB):
 
 
 def call(kind, student, teacher, labels, **kw):
-    args = (student, teacher, labels) if kind == "dkd" else (student, teacher)
-    return losses.KD_LOSSES[kind](*args, **PARAMS.get(kind, {}), **kw)
+    return losses.KD_TERMS[kind](student, teacher, labels, **PARAMS.get(kind, {}), **kw)
 
 
 @functools.cache
@@ -52,7 +51,7 @@ def jitted(kind, chunk_size="auto"):
 
 
 def numpy_reference(kind, student, teacher, labels, temperature=1.0):
-    args = (student, teacher, labels) if kind == "dkd" else (student, teacher)
+    args = (student, teacher, labels) if losses.KD_TERMS[kind].needs_labels else (student, teacher)
     return ref.REFERENCES[kind](*args, **PARAMS.get(kind, {}), temperature=temperature)
 
 
