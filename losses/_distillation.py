@@ -18,7 +18,7 @@ from losses._divergences import KD_TERMS
 from losses._kd import KDRow, KDTerm, check_teacher
 from losses._reduce import token_mean
 from losses._vocab import Columns, SparseTeacher, resolve_columns
-from losses.weighting import StatsRow, WeightingConfig, alpha_from_stats, alpha_stats
+from losses.weighting import DIFFICULTIES, StatsRow, WeightingConfig, alpha_from_stats, alpha_stats
 
 
 def _kd_term(kd: str) -> KDTerm:
@@ -70,8 +70,9 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Spa
         raise ValueError(f"labels {labels.shape} must have the leading shape of student_logits {student_logits.shape}")
     cols = resolve_columns(student_logits.shape[-1], check_teacher(student_logits, teacher_logits),
                            vocab_size=vocab_size, vocab_map=vocab_map)
-    row = DistillationRow(KDRow(term, cols), StatsRow(cols, with_divergence=weighting.difficulty == "divergence"),
-                          Columns(cols.size), smoothing=may_be_nonzero(label_smoothing), z=may_be_nonzero(z_loss))
+    stats = StatsRow(cols, with_divergence=DIFFICULTIES[weighting.difficulty].needs_divergence)
+    row = DistillationRow(KDRow(term, cols), stats, Columns(cols.size), smoothing=may_be_nonzero(label_smoothing),
+                          z=may_be_nonzero(z_loss))
     rows = {"teacher": teacher_logits, "labels": labels, "mask": token_mask(lead, mask, labels)}
     consts = {"temperature": temperature, "params": params, "label_smoothing": label_smoothing, "z_loss": z_loss}
     return _distillation(row, weighting, chunk_size, student_logits, rows, consts, step)

@@ -127,7 +127,7 @@ configs = st.builds(
     WeightingConfig,
     schedule=st.just("linear"), alpha=st.sampled_from([0.0, 0.4, 1.0]), alpha_end=st.just(1.0),
     warmup_steps=st.sampled_from([0, 5]), schedule_steps=st.just(10),
-    difficulty=st.sampled_from(losses.DIFFICULTIES), granularity=st.sampled_from(losses.GRANULARITIES),
+    difficulty=st.sampled_from(list(losses.DIFFICULTIES)), granularity=st.sampled_from(losses.GRANULARITIES),
 )
 
 
