@@ -1,0 +1,80 @@
+"""The registries of the losses package (KD terms, difficulty policies, schedules, filtering scores):
+every entry has its independent reference in losses_reference.py, and the uniform KD-term call and
+parameter check behave the same for every term."""
+
+import re
+
+import numpy as np
+import pytest
+
+import losses
+import losses_reference as ref
+
+REGISTRIES = {
+    "KD_TERMS": (losses.KD_TERMS, ref.REFERENCES),
+    "KD_TERMS (torch)": (losses.KD_TERMS, ref.TORCH_REFERENCES),
+    "DIFFICULTIES": (losses.DIFFICULTIES, ref.DIFFICULTY_REFERENCES),
+    "SCHEDULES": (losses.SCHEDULES, ref.SCHEDULE_REFERENCES),
+    "SCORES": (losses.SCORES, ref.SCORE_REFERENCES),
+}
+ENTRIES = [(registry, name) for registry, (entries, _) in REGISTRIES.items() for name in entries]
+VOCAB = 11
+
+
+@pytest.mark.parametrize("registry, name", ENTRIES)
+def test_every_entry_has_a_reference(registry, name):
+    entries, references = REGISTRIES[registry]
+    assert entries[name].name == name, f"{registry}[{name!r}] is named {entries[name].name!r}"
+    assert name in references, f"{registry}[{name!r}] has no reference in tests/losses/losses_reference.py"
+
+
+@pytest.mark.parametrize("registry", REGISTRIES)
+def test_every_reference_has_an_entry(registry):
+    entries, references = REGISTRIES[registry]
+    assert set(references) <= set(entries), f"references without a {registry} entry: {set(references) - set(entries)}"
+
+
+@pytest.mark.parametrize("name", losses.KD_TERMS)
+def test_check_params_fills_defaults_and_names_the_term_the_unknown_key_and_the_allowed_ones(name):
+    term = losses.KD_TERMS[name]
+    assert set(term.check_params()) == set(term.param_names) == set(term.check_params({}))
+    message = f"kd_kwargs: ['temperatur'] not parameters of {name!r}; allowed: {list(term.param_names)}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        term.check_params({"temperatur": 2.0})
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    student, teacher = rng.normal(0, 2, (2, 3, VOCAB)).astype(np.float32), rng.normal(0, 2, (2, 3, VOCAB))
+    labels = rng.integers(0, VOCAB, (2, 3))
+    labels[0, 1] = -100
+    return student, teacher.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("name", losses.KD_TERMS)
+def test_labels_are_read_only_by_the_terms_that_need_them(name):
+    term = losses.KD_TERMS[name]
+    student, teacher, labels = batch()
+    with_labels = np.asarray(term(student, teacher, labels, temperature=2.0))
+    if term.needs_labels:
+        assert with_labels[0, 1] == 0  # label -100: ignored like a masked token
+        with pytest.raises(ValueError, match=f"{name}: needs the labels"):
+            term(student, teacher, None)
+    else:
+        assert with_labels[0, 1] > 0
+        np.testing.assert_array_equal(with_labels, np.asarray(term(student, teacher, None, temperature=2.0)))
+
+
+@pytest.mark.parametrize("name", [name for name in losses.KD_TERMS if hasattr(losses, name)])
+def test_public_function_is_its_table_entry(name):
+    """The named functions (losses.forward_kl, ...) pass every argument through to the table."""
+    term, function = losses.KD_TERMS[name], getattr(losses, name)
+    student, teacher, labels = batch(1)
+    mask = np.array([[True, False, True], [True, True, True]])
+    params = {key: 0.9 * value for key, value in term.check_params().items()}  # not the defaults
+    args = (student, teacher, labels) if term.needs_labels else (student, teacher)
+    np.testing.assert_array_equal(
+        np.asarray(function(*args, temperature=1.5, mask=mask, chunk_size=2, **params)),
+        np.asarray(term(student, teacher, labels, temperature=1.5, mask=mask, chunk_size=2, **params)))
+    if params:  # and they reach the divergence
+        assert not np.array_equal(np.asarray(function(*args, **params)), np.asarray(function(*args)))
