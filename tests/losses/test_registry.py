@@ -1,8 +1,11 @@
 """The registries of the losses package (KD terms, difficulty policies, schedules, filtering scores):
-every entry has its independent reference in losses_reference.py, and the uniform KD-term call and
-parameter check behave the same for every term."""
+every entry has its independent reference in losses_reference.py, the uniform KD-term call and
+parameter check behave the same for every term, and the tables of docs/losses.md are the ones the
+registries generate. `python tests/losses/test_registry.py --write` rewrites those tables."""
 
 import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +81,66 @@ def test_public_function_is_its_table_entry(name):
         np.asarray(term(student, teacher, labels, temperature=1.5, mask=mask, chunk_size=2, **params)))
     if params:  # and they reach the divergence
         assert not np.array_equal(np.asarray(function(*args, **params)), np.asarray(function(*args)))
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "losses.md"
+WRITE = "python tests/losses/test_registry.py --write"
+
+
+def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows])
+
+
+def kd_terms_table() -> str:
+    rows = []
+    for term in losses.KD_TERMS.values():
+        params = ", ".join(f"{key}={value}" for key, value in term.check_params().items())
+        rows.append((f"`{term.name}({params})`" if params else f"`{term.name}`", term.formula,
+                     "yes" if term.needs_labels else "", term.reference))
+    return markdown_table(("name (defaults)", "formula", "reads the labels", "reference"), rows)
+
+
+def schedules_table() -> str:
+    return markdown_table(("schedule", "base(step)", "fields it reads"), [
+        (f"`{s.name}`", s.formula, ", ".join(f"`{field}`" for field in s.fields)) for s in losses.SCHEDULES.values()])
+
+
+def difficulties_table() -> str:
+    return markdown_table(("difficulty", "g", "statistics it reads"), [
+        (f"`{d.name}`", d.formula, ", ".join(f"`{key}`" for key in d.statistics) or "none")
+        for d in losses.DIFFICULTIES.values()])
+
+
+def scores_table() -> str:
+    return markdown_table(("score", "row score"), [(f"`{s.name}`", s.formula) for s in losses.SCORES.values()])
+
+
+TABLES = {"KD_TERMS": kd_terms_table, "SCHEDULES": schedules_table, "DIFFICULTIES": difficulties_table,
+          "SCORES": scores_table}
+
+
+def section(name: str) -> re.Pattern:
+    """The generated text between the markers of a table: `<!-- NAME: ... -->` and `<!-- /NAME -->`."""
+    return re.compile(rf"(<!-- {name}: [^\n]* -->\n)(.*?)(\n<!-- /{name} -->)", re.DOTALL)
+
+
+def regenerated(text: str) -> str:
+    for name, make in TABLES.items():
+        text, found = section(name).subn(lambda match, make=make: match[1] + make() + match[3], text)
+        if found != 1:
+            raise ValueError(f"docs/losses.md: the markers of the {name} table are missing or repeated")
+    return text
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_docs_tables_are_the_registries(name):
+    found = section(name).search(DOCS.read_text())
+    assert found, f"docs/losses.md: no <!-- {name}: ... --> ... <!-- /{name} --> markers"
+    assert found[2] == TABLES[name](), f"docs/losses.md: the {name} table is out of date; run `{WRITE}`"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit(f"usage: {WRITE}")
+    DOCS.write_text(regenerated(DOCS.read_text()))
