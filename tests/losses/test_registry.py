@@ -68,13 +68,28 @@ def test_labels_are_read_only_by_the_terms_that_need_them(name):
         np.testing.assert_array_equal(with_labels, np.asarray(term(student, teacher, None, temperature=2.0)))
 
 
+def other_params(term: losses.KDTerm) -> dict[str, float]:
+    """0.9 times each default: parameters other than the defaults, valid for every term."""
+    return {key: 0.9 * value for key, value in term.check_params().items()}
+
+
+@pytest.mark.parametrize("name", losses.KD_TERMS)
+def test_parameters_other_than_the_defaults_match_the_reference(name):
+    term = losses.KD_TERMS[name]
+    student, teacher, labels = batch(2)
+    labels = labels % VOCAB  # every token kept
+    args = (student, teacher, labels) if term.needs_labels else (student, teacher)
+    np.testing.assert_allclose(np.asarray(term(student, teacher, labels, temperature=2.0, **other_params(term))),
+                               ref.REFERENCES[name](*args, **other_params(term), temperature=2.0), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", [name for name in losses.KD_TERMS if hasattr(losses, name)])
 def test_public_function_is_its_table_entry(name):
     """The named functions (losses.forward_kl, ...) pass every argument through to the table."""
     term, function = losses.KD_TERMS[name], getattr(losses, name)
     student, teacher, labels = batch(1)
     mask = np.array([[True, False, True], [True, True, True]])
-    params = {key: 0.9 * value for key, value in term.check_params().items()}  # not the defaults
+    params = other_params(term)
     args = (student, teacher, labels) if term.needs_labels else (student, teacher)
     np.testing.assert_array_equal(
         np.asarray(function(*args, temperature=1.5, mask=mask, chunk_size=2, **params)),
