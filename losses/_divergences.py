@@ -1,5 +1,6 @@
-"""The per-token KD family: forward and reverse KL, generalized JSD, skew KLs, total variation,
-decoupled KD; the table of KD terms `KD_TERMS` and the public function of each term.
+"""The per-token KD family: the divergence of each KD term, their table `KD_TERMS` (forward and
+reverse KL, generalized JSD, skew KLs, total variation, decoupled KD, ...) and the named public
+functions.
 
 Notation: p_T = softmax(teacher_logits / T), p_S = softmax(student_logits / T). Every term is
 multiplied by T^2 (Hinton et al., 2015), is computed in float32 whatever the input dtype,
@@ -8,9 +9,9 @@ gradient flows into `teacher_logits`). `teacher_logits` may be a dense array `[.
 `SparseTeacher` (top-k of the offline cache). Vocabularies that differ only by padding columns
 are aligned automatically; see `resolve_columns`.
 
-A new term is a divergence function and its entry in `KD_TERMS` (with a float64 reference in
-tests/losses/losses_reference.py); `distillation_loss`, the config and the docs table read the
-table.
+A new term is a divergence function and its entry in `KD_TERMS`, here, with its references in
+tests/losses/losses_reference.py; `distillation_loss`, the config, the docs table and the tests
+read the table.
 """
 
 from __future__ import annotations
