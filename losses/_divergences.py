@@ -73,6 +73,28 @@ def _tvd(logp, logq, labels):
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
 
 
+def _head_share(logp, logq, mu):
+    """AKL's weight of forward KL per row, g_head / (g_head + g_tail) (1/2 where p = q: both KLs
+    vanish). A constant for the gradient, as in AKL.py, which detaches the student's probabilities."""
+    p, q = jnp.exp(jax.lax.stop_gradient(logp)), jnp.exp(jax.lax.stop_gradient(logq))
+    _, p_sorted, gap_sorted = jax.lax.sort((-p, p, jnp.abs(p - q)), dimension=-1, num_keys=1, is_stable=True)
+    mass_ahead = jnp.concatenate([jnp.zeros_like(p_sorted[:, :1]), jnp.cumsum(p_sorted, axis=-1)[:, :-1]], axis=-1)
+    g_head = jnp.sum(jnp.where(mass_ahead < mu, gap_sorted, 0.0), axis=-1)
+    g_all = jnp.sum(gap_sorted, axis=-1)
+    return jnp.where(g_all > 0, g_head / jnp.where(g_all > 0, g_all, 1.0), 0.5)
+
+
+def _akl(logp, logq, labels, *, mu):
+    """Adaptive KL (Wu et al., COLING 2025): w KL(p || q) + (1 - w) KL(q || p), w = g_head / (g_head +
+    g_tail), g the summed |p - q| over the head (the fewest top teacher tokens whose mass reaches mu:
+    the paper's definition, which its first author restates in songmzhang/DSKD#1; the released
+    AKL.py's `cum_sum > mu` leaves the token that crosses mu in the tail) and over the tail (the
+    rest). The weights carry no gradient."""
+    del labels
+    w = _head_share(logp, logq, mu)
+    return clamp_nonnegative(w * kl_rows(logp, logq) + (1.0 - w) * kl_rows(logq, logp))
+
+
 def _no_params() -> dict[str, Any]:
     return {}
 
@@ -86,6 +108,14 @@ def _jsd_params(beta=0.5) -> dict[str, Any]:
             "beta * KL(p_T||p_S) and (1 - beta) * KL(p_S||p_T)); TRL substitutes forward KL at beta=0 "
             "and reverse KL at beta=1: use kd='forward_kl' or 'reverse_kl'"
         ) from None
+
+
+def _akl_params(mu=0.5) -> dict[str, Any]:
+    try:
+        return {"mu": hyperparameter("mu", mu, low=0.0, high=1.0, open_low=True, open_high=True)}
+    except ValueError as err:
+        raise ValueError(f"{err} (at 0 AKL is reverse KL, at 1 forward KL: use kd='reverse_kl' or 'forward_kl')"
+                         ) from None
 
 
 def _skew_params(lam=0.1) -> dict[str, Any]:
@@ -110,6 +140,10 @@ KD_TERMS: Mapping[str, KDTerm] = types.MappingProxyType({term.name: term for ter
            "Wen et al., f-divergence KD, ACL 2023, [arXiv:2307.15190](https://arxiv.org/abs/2307.15190)"),
     KDTerm("dkd", dkd_divergence, dkd_params, "T² [α KL(b_p ‖ b_q) + β KL(p̂ ‖ q̂)], y the label",
            "Zhao et al., DKD, CVPR 2022, [arXiv:2203.08679](https://arxiv.org/abs/2203.08679)", needs_labels=True),
+    KDTerm("akl", _akl, _akl_params,
+           "T² [w KL(p ‖ q) + (1 − w) KL(q ‖ p)], w = g_head/(g_head + g_tail) (no gradient), g = Σ |p − q| over "
+           "the head (the fewest top tokens of p whose mass reaches μ, 0 < μ < 1) and over the tail (the rest)",
+           "Wu et al., AKL, COLING 2025, [arXiv:2404.02657](https://arxiv.org/abs/2404.02657)"),
 )})
 """The KD terms by name, in the order of the docs table. `KD_TERMS[name](student_logits,
 teacher_logits, labels, *, temperature, mask, vocab_size, vocab_map, chunk_size, **params)`

@@ -99,9 +99,24 @@ def dkd(student, teacher, labels, alpha=1.0, beta=8.0, temperature=1.0):
     return temperature**2 * (alpha * tckd + beta * nckd)
 
 
+def akl(student, teacher, mu=0.5, temperature=1.0):
+    """Adaptive KL as the paper defines it (Wu et al., arXiv:2404.02657): the head is the first M
+    tokens of p sorted descending, M the smallest with sum_{j <= M} p_j >= mu; the weights are
+    constants for the gradient (the authors' AKL.py detaches the student's probabilities)."""
+    logp, logq = tempered(student, teacher, temperature)
+    order = np.argsort(-logp, axis=-1, kind="stable")
+    p_sorted = np.exp(np.take_along_axis(logp, order, -1))
+    gap = np.abs(p_sorted - np.exp(np.take_along_axis(logq, order, -1)))
+    last_head = np.argmax(np.cumsum(p_sorted, -1) >= mu, -1)
+    head = np.arange(p_sorted.shape[-1]) <= last_head[..., None]
+    g_head, g_tail = np.sum(np.where(head, gap, 0.0), -1), np.sum(np.where(head, 0.0, gap), -1)
+    total = np.where(g_head + g_tail > 0, g_head + g_tail, 1.0)  # p = q: both KLs vanish, any weights
+    return temperature**2 * (g_head / total * kl(logp, logq) + g_tail / total * kl(logq, logp))
+
+
 REFERENCES = {
     "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl, "tvd": tvd, "dkd": dkd,
+    "skew_reverse_kl": skew_reverse_kl, "tvd": tvd, "dkd": dkd, "akl": akl,
 }
 
 
@@ -168,9 +183,23 @@ def torch_dkd(student, teacher, labels, alpha=1.0, beta=8.0, temperature=1.0):
     return temperature**2 * (alpha * tckd + beta * nckd)
 
 
+def torch_akl(student, teacher, mu=0.5, temperature=1.0):
+    """As the authors' AKL.py (get_ratio: the teacher's probabilities sorted, the student's detached,
+    a tail mask from the cumulative sum), with the paper's head: a token is in the tail when the
+    mass before it already reaches mu (AKL.py's `cum_sum > mu` moves the crossing token there)."""
+    logp, logq = torch_tempered(student, teacher, temperature)
+    p_sorted, idx = logp.exp().sort(dim=-1, descending=True, stable=True)
+    errors = (p_sorted - logq.exp().detach().gather(-1, idx)).abs()
+    tail = torch.roll(p_sorted.cumsum(-1), 1, -1) >= mu
+    tail[..., 0] = False
+    g_head, g_tail = errors.masked_fill(tail, 0.0).sum(-1), errors.masked_fill(~tail, 0.0).sum(-1)
+    return temperature**2 * (g_head / (g_head + g_tail) * torch_kl(logp, logq)
+                             + g_tail / (g_head + g_tail) * torch_kl(logq, logp))
+
+
 TORCH_REFERENCES = {
     "forward_kl": torch_forward_kl, "reverse_kl": torch_reverse_kl, "jsd": torch_jsd, "skew_kl": torch_skew_kl,
-    "skew_reverse_kl": torch_skew_reverse_kl, "tvd": torch_tvd, "dkd": torch_dkd,
+    "skew_reverse_kl": torch_skew_reverse_kl, "tvd": torch_tvd, "dkd": torch_dkd, "akl": torch_akl,
 }
 
 
