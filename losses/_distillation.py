@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -16,36 +14,17 @@ import jax.numpy as jnp
 from losses._chunking import DEFAULT_CHUNK_SIZE, map_tokens
 from losses._common import hyperparameter, may_be_nonzero, token_mask
 from losses._cross_entropy import ce_terms
-from losses._divergences import (FORWARD_KL, JSD, REVERSE_KL, SKEW_KL, SKEW_REVERSE_KL, TVD, forward_kl, jsd,
-                                 reverse_kl, skew_kl, skew_reverse_kl, tvd)
-from losses._dkd import DKD, dkd
-from losses._kd import KDKind, KDRow, check_teacher
+from losses._divergences import KD_TERMS
+from losses._kd import KDRow, KDTerm, check_teacher
 from losses._reduce import token_mean
 from losses._vocab import Columns, SparseTeacher, resolve_columns
-from losses.weighting import StatsRow, WeightingConfig, alpha_from_stats, alpha_stats
-
-_KINDS: Mapping[str, KDKind] = types.MappingProxyType({
-    "forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "skew_kl": SKEW_KL,
-    "skew_reverse_kl": SKEW_REVERSE_KL, "tvd": TVD, "dkd": DKD,
-})
-
-KD_LOSSES: Mapping[str, Callable[..., jax.Array]] = types.MappingProxyType({
-    "forward_kl": forward_kl, "reverse_kl": reverse_kl, "jsd": jsd, "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl, "tvd": tvd, "dkd": dkd,
-})
-"""The KD terms by name. `dkd` takes the labels as third positional argument; the others take
-(student_logits, teacher_logits) and keyword arguments."""
+from losses.weighting import DIFFICULTIES, StatsRow, WeightingConfig, alpha_from_stats, alpha_stats
 
 
-def _kd_params(kd: str, kd_kwargs: Mapping[str, Any] | None) -> tuple[KDKind, dict[str, Any]]:
-    if kd not in _KINDS:
-        raise ValueError(f"kd: got {kd!r}; allowed: {', '.join(map(repr, _KINDS))}")
-    kind = _KINDS[kd]
-    allowed = list(inspect.signature(kind.params).parameters)
-    unknown = sorted(set(kd_kwargs or {}) - set(allowed))
-    if unknown:
-        raise ValueError(f"kd_kwargs: {unknown} not parameters of {kd!r}; allowed: {allowed}")
-    return kind, kind.params(**(kd_kwargs or {}))
+def _kd_term(kd: str) -> KDTerm:
+    if kd not in KD_TERMS:
+        raise ValueError(f"kd: got {kd!r}; allowed: {', '.join(map(repr, KD_TERMS))}")
+    return KD_TERMS[kd]
 
 
 def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | SparseTeacher, labels: jax.Array, *,
@@ -65,7 +44,7 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Spa
       labels: int `[...]`, the next tokens; labels < 0 are ignored like `mask`.
       step: the integer training step (may be traced), for the schedule of a.
       weighting: the soft/hard weighting policy.
-      kd: a name in `KD_LOSSES`.
+      kd: a name in `KD_TERMS`.
       kd_kwargs: the KD term's own parameters (e.g. {"beta": 0.5} for "jsd").
       temperature: T > 0 of the KD term (CE and the difficulty statistics use T = 1).
       mask: bool `[...]`; None keeps all tokens.
@@ -81,7 +60,8 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Spa
       "teacher_wrong_frac" (argmax != label), "teacher_entropy" (normalised, mean), "tokens".
       Reduce per_token_loss with `token_mean` or `sequence_mean`.
     """
-    kind, params = _kd_params(kd, kd_kwargs)
+    term = _kd_term(kd)
+    params = term.check_params(kd_kwargs)
     temperature = hyperparameter("temperature", temperature, low=0.0, open_low=True)
     label_smoothing = hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
     z_loss = hyperparameter("z_loss", z_loss, low=0.0)
@@ -90,8 +70,9 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array | Spa
         raise ValueError(f"labels {labels.shape} must have the leading shape of student_logits {student_logits.shape}")
     cols = resolve_columns(student_logits.shape[-1], check_teacher(student_logits, teacher_logits),
                            vocab_size=vocab_size, vocab_map=vocab_map)
-    row = DistillationRow(KDRow(kind, cols), StatsRow(cols, with_divergence=weighting.difficulty == "divergence"),
-                          Columns(cols.size), smoothing=may_be_nonzero(label_smoothing), z=may_be_nonzero(z_loss))
+    stats = StatsRow(cols, with_divergence=DIFFICULTIES[weighting.difficulty].needs_divergence)
+    row = DistillationRow(KDRow(term, cols), stats, Columns(cols.size), smoothing=may_be_nonzero(label_smoothing),
+                          z=may_be_nonzero(z_loss))
     rows = {"teacher": teacher_logits, "labels": labels, "mask": token_mask(lead, mask, labels)}
     consts = {"temperature": temperature, "params": params, "label_smoothing": label_smoothing, "z_loss": z_loss}
     return _distillation(row, weighting, chunk_size, student_logits, rows, consts, step)

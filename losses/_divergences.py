@@ -1,4 +1,6 @@
-"""The per-token KD family: forward and reverse KL, generalized JSD, skew KLs, total variation.
+"""The per-token KD family: the divergence of each KD term, their table `KD_TERMS` (forward and
+reverse KL, generalized JSD, skew KLs, total variation, decoupled KD, ...) and the named public
+functions.
 
 Notation: p_T = softmax(teacher_logits / T), p_S = softmax(student_logits / T). Every term is
 multiplied by T^2 (Hinton et al., 2015), is computed in float32 whatever the input dtype,
@@ -6,18 +8,25 @@ returns one value per token (0 where `mask` is False) and treats the teacher as 
 gradient flows into `teacher_logits`). `teacher_logits` may be a dense array `[..., V_T]` or a
 `SparseTeacher` (top-k of the offline cache). Vocabularies that differ only by padding columns
 are aligned automatically; see `resolve_columns`.
+
+A new term is a divergence function and its entry in `KD_TERMS`, here, with its references in
+tests/losses/losses_reference.py; `distillation_loss`, the config, the docs table and the tests
+read the table.
 """
 
 from __future__ import annotations
 
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from losses._chunking import DEFAULT_CHUNK_SIZE
-from losses._common import clamp_nonnegative, kl_rows, hyperparameter, log_mixture
-from losses._kd import KDKind, kd_per_token
+from losses._common import clamp_nonnegative, hyperparameter, kl_rows, log_mixture
+from losses._dkd import dkd_divergence, dkd_params
+from losses._kd import KDTerm
 from losses._vocab import SparseTeacher
 
 Teacher = jax.Array | SparseTeacher
@@ -64,6 +73,28 @@ def _tvd(logp, logq, labels):
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
 
 
+def _head_share(logp, logq, mu):
+    """AKL's weight of forward KL per row, g_head / (g_head + g_tail) (1/2 where p = q: both KLs
+    vanish). A constant for the gradient, as in AKL.py, which detaches the student's probabilities."""
+    p, q = jnp.exp(jax.lax.stop_gradient(logp)), jnp.exp(jax.lax.stop_gradient(logq))
+    _, p_sorted, gap_sorted = jax.lax.sort((-p, p, jnp.abs(p - q)), dimension=-1, num_keys=1, is_stable=True)
+    mass_ahead = jnp.concatenate([jnp.zeros_like(p_sorted[:, :1]), jnp.cumsum(p_sorted, axis=-1)[:, :-1]], axis=-1)
+    g_head = jnp.sum(jnp.where(mass_ahead < mu, gap_sorted, 0.0), axis=-1)
+    g_all = jnp.sum(gap_sorted, axis=-1)
+    return jnp.where(g_all > 0, g_head / jnp.where(g_all > 0, g_all, 1.0), 0.5)
+
+
+def _akl(logp, logq, labels, *, mu):
+    """Adaptive KL (Wu et al., COLING 2025): w KL(p || q) + (1 - w) KL(q || p), w = g_head / (g_head +
+    g_tail), g the summed |p - q| over the head (the fewest top teacher tokens whose mass reaches mu:
+    the paper's definition, which its first author restates in songmzhang/DSKD#1; the released
+    AKL.py's `cum_sum > mu` leaves the token that crosses mu in the tail) and over the tail (the
+    rest). The weights carry no gradient."""
+    del labels
+    w = _head_share(logp, logq, mu)
+    return clamp_nonnegative(w * kl_rows(logp, logq) + (1.0 - w) * kl_rows(logq, logp))
+
+
 def _no_params() -> dict[str, Any]:
     return {}
 
@@ -79,6 +110,14 @@ def _jsd_params(beta=0.5) -> dict[str, Any]:
         ) from None
 
 
+def _akl_params(mu=0.5) -> dict[str, Any]:
+    try:
+        return {"mu": hyperparameter("mu", mu, low=0.0, high=1.0, open_low=True, open_high=True)}
+    except ValueError as err:
+        raise ValueError(f"{err} (at 0 AKL is reverse KL, at 1 forward KL: use kd='reverse_kl' or 'forward_kl')"
+                         ) from None
+
+
 def _skew_params(lam=0.1) -> dict[str, Any]:
     try:
         return {"lam": hyperparameter("lam", lam, low=0.0, high=1.0, open_high=True)}
@@ -86,12 +125,30 @@ def _skew_params(lam=0.1) -> dict[str, Any]:
         raise ValueError(f"{err} (at 1 the skew KL is identically 0)") from None
 
 
-FORWARD_KL = KDKind(_forward_kl, _no_params)
-REVERSE_KL = KDKind(_reverse_kl, _no_params)
-JSD = KDKind(_jsd, _jsd_params)
-SKEW_KL = KDKind(_skew_kl, _skew_params)
-SKEW_REVERSE_KL = KDKind(_skew_reverse_kl, _skew_params)
-TVD = KDKind(_tvd, _no_params)
+KD_TERMS: Mapping[str, KDTerm] = types.MappingProxyType({term.name: term for term in (
+    KDTerm("forward_kl", _forward_kl, _no_params, "T² Σ_v p (log p − log q)",
+           "Hinton et al. 2015, [arXiv:1503.02531](https://arxiv.org/abs/1503.02531)"),
+    KDTerm("reverse_kl", _reverse_kl, _no_params, "T² Σ_v q (log q − log p)",
+           "Gu et al., MiniLLM, ICLR 2024, [arXiv:2306.08543](https://arxiv.org/abs/2306.08543)"),
+    KDTerm("jsd", _jsd, _jsd_params, "T² [β KL(p ‖ m) + (1 − β) KL(q ‖ m)], m = β p + (1 − β) q, 0 < β < 1",
+           "Agarwal et al., GKD, ICLR 2024, eq. 1, [arXiv:2306.13649](https://arxiv.org/abs/2306.13649)"),
+    KDTerm("skew_kl", _skew_kl, _skew_params, "T² KL(p ‖ λ p + (1 − λ) q), 0 ≤ λ < 1",
+           "Ko et al., DistiLLM, ICML 2024, [arXiv:2402.03898](https://arxiv.org/abs/2402.03898)"),
+    KDTerm("skew_reverse_kl", _skew_reverse_kl, _skew_params, "T² KL(q ‖ λ q + (1 − λ) p), 0 ≤ λ < 1",
+           "Ko et al., DistiLLM, ICML 2024, [arXiv:2402.03898](https://arxiv.org/abs/2402.03898)"),
+    KDTerm("tvd", _tvd, _no_params, "T² · ½ Σ_v |p − q|",
+           "Wen et al., f-divergence KD, ACL 2023, [arXiv:2307.15190](https://arxiv.org/abs/2307.15190)"),
+    KDTerm("dkd", dkd_divergence, dkd_params, "T² [α KL(b_p ‖ b_q) + β KL(p̂ ‖ q̂)], y the label",
+           "Zhao et al., DKD, CVPR 2022, [arXiv:2203.08679](https://arxiv.org/abs/2203.08679)", needs_labels=True),
+    KDTerm("akl", _akl, _akl_params,
+           "T² [w KL(p ‖ q) + (1 − w) KL(q ‖ p)], w = g_head/(g_head + g_tail) (no gradient), g = Σ |p − q| over "
+           "the head (the fewest top tokens of p whose mass reaches μ, 0 < μ < 1) and over the tail (the rest)",
+           "Wu et al., AKL, COLING 2025, [arXiv:2404.02657](https://arxiv.org/abs/2404.02657)"),
+)})
+"""The KD terms by name, in the order of the docs table. `KD_TERMS[name](student_logits,
+teacher_logits, labels, *, temperature, mask, vocab_size, vocab_map, chunk_size, **params)`
+evaluates any of them per token (labels are read only by the terms that `needs_labels`);
+`KD_TERMS[name].check_params(params)` validates a user's parameters."""
 
 
 def forward_kl(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: float = 1.0,
@@ -112,8 +169,8 @@ def forward_kl(student_logits: jax.Array, teacher_logits: Teacher, *, temperatur
       Hinton et al., Distilling the Knowledge in a Neural Network, 2015.
       https://arxiv.org/abs/1503.02531
     """
-    return kd_per_token(FORWARD_KL, student_logits, teacher_logits, params={}, temperature=temperature,
-                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+    return KD_TERMS["forward_kl"](student_logits, teacher_logits, temperature=temperature, mask=mask,
+                                  vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
 
 
 def reverse_kl(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: float = 1.0,
@@ -132,8 +189,8 @@ def reverse_kl(student_logits: jax.Array, teacher_logits: Teacher, *, temperatur
       Gu et al., MiniLLM: Knowledge Distillation of Large Language Models, ICLR 2024.
       https://arxiv.org/abs/2306.08543
     """
-    return kd_per_token(REVERSE_KL, student_logits, teacher_logits, params={}, temperature=temperature,
-                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+    return KD_TERMS["reverse_kl"](student_logits, teacher_logits, temperature=temperature, mask=mask,
+                                  vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
 
 
 def jsd(student_logits: jax.Array, teacher_logits: Teacher, *, beta: float = 0.5, temperature: float = 1.0,
@@ -161,8 +218,8 @@ def jsd(student_logits: jax.Array, teacher_logits: Teacher, *, beta: float = 0.5
       Agarwal et al., On-Policy Distillation of Language Models: Learning from Self-Generated
       Mistakes (GKD), ICLR 2024, eq. 1. https://arxiv.org/abs/2306.13649
     """
-    return kd_per_token(JSD, student_logits, teacher_logits, params=_jsd_params(beta), temperature=temperature,
-                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+    return KD_TERMS["jsd"](student_logits, teacher_logits, beta=beta, temperature=temperature, mask=mask,
+                           vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
 
 
 def skew_kl(student_logits: jax.Array, teacher_logits: Teacher, *, lam: float = 0.1, temperature: float = 1.0,
@@ -186,8 +243,8 @@ def skew_kl(student_logits: jax.Array, teacher_logits: Teacher, *, lam: float = 
       Ko et al., DistiLLM: Towards Streamlined Distillation for Large Language Models, ICML 2024.
       https://arxiv.org/abs/2402.03898
     """
-    return kd_per_token(SKEW_KL, student_logits, teacher_logits, params=_skew_params(lam), temperature=temperature,
-                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+    return KD_TERMS["skew_kl"](student_logits, teacher_logits, lam=lam, temperature=temperature, mask=mask,
+                               vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
 
 
 def skew_reverse_kl(student_logits: jax.Array, teacher_logits: Teacher, *, lam: float = 0.1,
@@ -209,9 +266,8 @@ def skew_reverse_kl(student_logits: jax.Array, teacher_logits: Teacher, *, lam: 
       Ko et al., DistiLLM: Towards Streamlined Distillation for Large Language Models, ICML 2024.
       https://arxiv.org/abs/2402.03898
     """
-    return kd_per_token(SKEW_REVERSE_KL, student_logits, teacher_logits, params=_skew_params(lam),
-                        temperature=temperature, mask=mask, vocab_size=vocab_size, vocab_map=vocab_map,
-                        chunk_size=chunk_size)
+    return KD_TERMS["skew_reverse_kl"](student_logits, teacher_logits, lam=lam, temperature=temperature, mask=mask,
+                                       vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
 
 
 def tvd(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: float = 1.0,
@@ -230,8 +286,41 @@ def tvd(student_logits: jax.Array, teacher_logits: Teacher, *, temperature: floa
       Wen et al., f-Divergence Minimization for Sequence-Level Knowledge Distillation, ACL 2023.
       https://arxiv.org/abs/2307.15190
     """
-    return kd_per_token(TVD, student_logits, teacher_logits, params={}, temperature=temperature,
-                        mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+    return KD_TERMS["tvd"](student_logits, teacher_logits, temperature=temperature, mask=mask,
+                           vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
+
+
+def dkd(student_logits: jax.Array, teacher_logits: Teacher, labels: jax.Array, *, alpha: float = 1.0,
+        beta: float = 8.0, temperature: float = 1.0, mask: jax.Array | None = None, vocab_size: int | None = None,
+        vocab_map=None, chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """Decoupled KD per token: T^2 * (alpha * TCKD + beta * NCKD), the label as target class.
+
+    With y the label, b = (p(y), 1 - p(y)) the binary target/non-target split and p^ the
+    distribution over the other columns renormalised:
+    TCKD = KL(b_T || b_S), NCKD = KL(p^_T || p^_S). Forward KL is exactly
+    TCKD + (1 - p_T(y)) * NCKD; DKD decouples the two and weights NCKD by a constant beta instead
+    of the teacher's own non-target mass.
+
+    Args:
+      student_logits: `[..., V]`, any float dtype.
+      teacher_logits: `[..., V_T]` or a `SparseTeacher`.
+      labels: int `[...]`, the target class of each token; labels < 0 are ignored like `mask`.
+      alpha: weight of the target-class term (paper: 1.0).
+      beta: weight of the non-target term (paper: 8.0 on CIFAR-100; tune for LMs).
+      temperature: T > 0 (a runtime value, may be traced).
+      mask: bool `[...]`, False for tokens that contribute nothing; None keeps all.
+      vocab_size: the real vocabulary; padding columns at and beyond it are ignored.
+      vocab_map: int `[n]`, the teacher column of each student column (-1: none).
+      chunk_size: tokens per chunk, "auto" (from the vocabulary size) or None (all at once).
+
+    Returns:
+      float32 `[...]`, one value per token (NaN for a kept token whose label is >= vocab).
+
+    References:
+      Zhao et al., Decoupled Knowledge Distillation, CVPR 2022. https://arxiv.org/abs/2203.08679
+    """
+    return KD_TERMS["dkd"](student_logits, teacher_logits, labels, alpha=alpha, beta=beta, temperature=temperature,
+                           mask=mask, vocab_size=vocab_size, vocab_map=vocab_map, chunk_size=chunk_size)
 
 
 for _fn in (forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, tvd):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
@@ -21,13 +23,11 @@ from losses._kd import check_teacher
 from losses._reduce import masked_quantiles, token_mean
 from losses._vocab import Columns, SparseTeacher, resolve_columns, student_columns, teacher_columns
 
-SCHEDULES = ("fixed", "linear", "cosine", "step")
-DIFFICULTIES = ("none", "teacher_entropy", "teacher_label_prob", "teacher_correctness", "divergence")
 GRANULARITIES = ("token", "sequence")
 ALPHA_QUANTILES = (0.1, 0.5, 0.9)
 
 
-def _allowed(name: str, value, allowed: tuple[str, ...]) -> None:
+def _allowed(name: str, value, allowed: Collection[str]) -> None:
     if value not in allowed:
         raise ValueError(f"WeightingConfig.{name}: got {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
@@ -53,8 +53,8 @@ class WeightingConfig:
     """
 
     schedule: str = "fixed"
-    """base(step): "fixed" = alpha; "linear" = alpha + (alpha_end - alpha) * u; "cosine" =
-    alpha_end + (alpha - alpha_end) * (1 + cos(pi * u)) / 2, with
+    """base(step), a name in `SCHEDULES`: "fixed" = alpha; "linear" = alpha + (alpha_end - alpha) * u;
+    "cosine" = alpha_end + (alpha - alpha_end) * (1 + cos(pi * u)) / 2, with
     u = clip((step - warmup_steps) / schedule_steps, 0, 1); "step" = values[i] where i is the
     number of boundaries <= step."""
     alpha: float = 0.5
@@ -71,7 +71,8 @@ class WeightingConfig:
     values: tuple[float, ...] = ()
     """"step": len(boundaries) + 1 weights in [0, 1]; values[0] before boundaries[0]."""
     difficulty: str = "none"
-    """g, from the teacher's distribution p (temperature 1) and the label y:
+    """g, a name in `DIFFICULTIES`, from the teacher's distribution p (temperature 1) and the label
+    y:
     "none": g = 1.
     "teacher_entropy": g = clip((H(p) / log n - entropy_low) / (entropy_high - entropy_low), 0, 1),
       n the number of columns the teacher has mass on: an uncertain teacher -> more soft.
@@ -106,7 +107,8 @@ class WeightingConfig:
         _in_range("alpha", self.alpha, 0.0, 1.0)
         _in_range("alpha_end", self.alpha_end, 0.0, 1.0)
         _count("warmup_steps", self.warmup_steps)
-        _count("schedule_steps", self.schedule_steps, positive=self.schedule in ("linear", "cosine"))
+        schedule_fields = SCHEDULES[self.schedule].fields
+        _count("schedule_steps", self.schedule_steps, positive="schedule_steps" in schedule_fields)
         if not isinstance(self.boundaries, tuple) or not isinstance(self.values, tuple):
             raise TypeError("WeightingConfig.boundaries and .values: must be tuples or lists")
         for i, b in enumerate(self.boundaries):
@@ -115,14 +117,68 @@ class WeightingConfig:
             raise ValueError(f"WeightingConfig.boundaries: got {self.boundaries}; must be strictly increasing")
         for i, v in enumerate(self.values):
             _in_range(f"values[{i}]", v, 0.0, 1.0)
-        if self.schedule == "step" and len(self.values) != len(self.boundaries) + 1:
+        if "values" in schedule_fields and len(self.values) != len(self.boundaries) + 1:
             raise ValueError(f"WeightingConfig.values: got {len(self.values)} values for "
-                             f"{len(self.boundaries)} boundaries; \"step\" needs len(boundaries) + 1")
+                             f"{len(self.boundaries)} boundaries; \"{self.schedule}\" needs len(boundaries) + 1")
         _in_range("entropy_low", self.entropy_low, 0.0, 1.0)
         _in_range("entropy_high", self.entropy_high, self.entropy_low, 1.0, open_low=True)
         _in_range("label_prob_power", self.label_prob_power, 0.0, math.inf, open_low=True)
         _in_range("confidence", self.confidence, 0.0, 1.0)
         _in_range("divergence_scale", self.divergence_scale, 0.0, math.inf, open_low=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A schedule of a over training steps, base(step), before the warm-up ramp.
+
+    Attributes:
+      name: its key in `SCHEDULES` (`WeightingConfig.schedule`).
+      base: `base(config, step) -> float32`, for `step` a float32 array (a scalar where it does
+        not depend on the step).
+      fields: the `WeightingConfig` fields it reads (the config checks them for it).
+      formula: one line for the docs table.
+    """
+
+    name: str
+    base: Callable[[WeightingConfig, jax.Array], jax.Array]
+    fields: tuple[str, ...]
+    formula: str
+
+
+def _fixed(config: WeightingConfig, step: jax.Array) -> jax.Array:
+    del step
+    return jnp.float32(config.alpha)
+
+
+def _progress(config: WeightingConfig, step: jax.Array) -> jax.Array:
+    return jnp.clip((step - config.warmup_steps) / config.schedule_steps, 0.0, 1.0)
+
+
+def _linear(config: WeightingConfig, step: jax.Array) -> jax.Array:
+    u = _progress(config, step)
+    return config.alpha + (config.alpha_end - config.alpha) * u
+
+
+def _cosine(config: WeightingConfig, step: jax.Array) -> jax.Array:
+    u = _progress(config, step)
+    return config.alpha_end + (config.alpha - config.alpha_end) * 0.5 * (1.0 + jnp.cos(jnp.pi * u))
+
+
+def _step(config: WeightingConfig, step: jax.Array) -> jax.Array:
+    boundaries = jnp.asarray(config.boundaries or (), jnp.float32)
+    index = jnp.sum(step[..., None] >= boundaries, axis=-1)
+    return jnp.asarray(config.values, jnp.float32)[index]
+
+
+SCHEDULES: Mapping[str, Schedule] = types.MappingProxyType({schedule.name: schedule for schedule in (
+    Schedule("fixed", _fixed, ("alpha",), "alpha"),
+    Schedule("linear", _linear, ("alpha", "alpha_end", "schedule_steps"), "alpha + (alpha_end − alpha) u"),
+    Schedule("cosine", _cosine, ("alpha", "alpha_end", "schedule_steps"),
+             "alpha_end + (alpha − alpha_end)(1 + cos πu)/2"),
+    Schedule("step", _step, ("boundaries", "values"), "values[i], i = the number of boundaries ≤ step"),
+)})
+"""The schedules of a by name (`WeightingConfig.schedule`); u = clip((step − warmup_steps) /
+schedule_steps, 0, 1)."""
 
 
 def schedule_alpha(config: WeightingConfig, step) -> jax.Array:
@@ -137,18 +193,7 @@ def schedule_alpha(config: WeightingConfig, step) -> jax.Array:
     """
     step = jnp.asarray(step, jnp.float32)
     ramp = jnp.clip(step / config.warmup_steps, 0.0, 1.0) if config.warmup_steps else jnp.float32(1.0)
-    if config.schedule == "fixed":
-        base = jnp.float32(config.alpha)
-    elif config.schedule == "step":
-        boundaries = jnp.asarray(config.boundaries or (), jnp.float32)
-        index = jnp.sum(step[..., None] >= boundaries, axis=-1)
-        base = jnp.asarray(config.values, jnp.float32)[index]
-    else:
-        u = jnp.clip((step - config.warmup_steps) / config.schedule_steps, 0.0, 1.0)
-        if config.schedule == "linear":
-            base = config.alpha + (config.alpha_end - config.alpha) * u
-        else:
-            base = config.alpha_end + (config.alpha - config.alpha_end) * 0.5 * (1.0 + jnp.cos(jnp.pi * u))
+    base = SCHEDULES[config.schedule].base(config, step)
     return jnp.clip(jnp.broadcast_to(ramp * base, step.shape), 0.0, 1.0)
 
 
@@ -183,19 +228,75 @@ class StatsRow:
         return {k: jnp.where(keep, v, 0.0) for k, v in out.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Difficulty:
+    """A difficulty policy: the factor g of each token, from the teacher statistics it reads.
+
+    Attributes:
+      name: its key in `DIFFICULTIES` (`WeightingConfig.difficulty`).
+      factor: `factor(config, stats, keep) -> [...]`, g before it is clipped to [0, 1] (and, for
+        granularity "sequence", averaged), from the `token_stats` it names.
+      statistics: the keys of `token_stats` that `factor` reads; none: no statistics are computed.
+      formula: one line for the docs table.
+    """
+
+    name: str
+    factor: Callable[[WeightingConfig, dict[str, jax.Array], jax.Array], jax.Array]
+    statistics: tuple[str, ...]
+    formula: str
+
+    @property
+    def needs_divergence(self) -> bool:
+        """Reads KL(teacher || student), which `token_stats` computes only when asked."""
+        return "divergence" in self.statistics
+
+
+def _no_difficulty(config: WeightingConfig, stats: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
+    del config, stats
+    return jnp.ones(keep.shape, jnp.float32)
+
+
+def _teacher_entropy(config: WeightingConfig, stats: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
+    del keep
+    return (stats["teacher_entropy"] - config.entropy_low) / (config.entropy_high - config.entropy_low)
+
+
+def _teacher_label_prob(config: WeightingConfig, stats: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
+    del keep
+    return jnp.maximum(1.0 - stats["teacher_label_prob"], 0.0) ** config.label_prob_power
+
+
+def _teacher_correctness(config: WeightingConfig, stats: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
+    del keep
+    confidently_wrong = (stats["teacher_correct"] == 0) & (stats["teacher_max_prob"] >= config.confidence)
+    return jnp.where(confidently_wrong, 0.0, 1.0)
+
+
+def _divergence(config: WeightingConfig, stats: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
+    del keep
+    return -jnp.expm1(-stats["divergence"] / config.divergence_scale)
+
+
+DIFFICULTIES: Mapping[str, Difficulty] = types.MappingProxyType({difficulty.name: difficulty for difficulty in (
+    Difficulty("none", _no_difficulty, (), "g = 1 (pure schedule, including the classic fixed-α KD)"),
+    Difficulty("teacher_entropy", _teacher_entropy, ("teacher_entropy",),
+               "uncertain teacher → more soft: g = clip((H(p)/log n − entropy_low)/(entropy_high − entropy_low), "
+               "0, 1), n = the number of columns with finite teacher logits"),
+    Difficulty("teacher_label_prob", _teacher_label_prob, ("teacher_label_prob",),
+               "confident and right → the hard label suffices: g = (1 − p(y))^label_prob_power"),
+    Difficulty("teacher_correctness", _teacher_correctness, ("teacher_correct", "teacher_max_prob"),
+               "teacher confidently wrong → trust the label: g = 0 where argmax p ≠ y and max p ≥ confidence, "
+               "else 1"),
+    Difficulty("divergence", _divergence, ("divergence",),
+               "student far from the teacher → more soft: g = 1 − exp(−KL(p ‖ q)/divergence_scale), q the "
+               "student at T = 1"),
+)})
+"""The difficulty policies by name (`WeightingConfig.difficulty`); p is the teacher's
+distribution at temperature 1, y the label."""
+
+
 def _difficulty(config: WeightingConfig, stats: dict[str, jax.Array], keep: jax.Array) -> jax.Array:
-    kind = config.difficulty
-    if kind == "teacher_entropy":
-        g = (stats["teacher_entropy"] - config.entropy_low) / (config.entropy_high - config.entropy_low)
-    elif kind == "teacher_label_prob":
-        g = jnp.maximum(1.0 - stats["teacher_label_prob"], 0.0) ** config.label_prob_power
-    elif kind == "teacher_correctness":
-        confidently_wrong = (stats["teacher_correct"] == 0) & (stats["teacher_max_prob"] >= config.confidence)
-        g = jnp.where(confidently_wrong, 0.0, 1.0)
-    elif kind == "divergence":
-        g = -jnp.expm1(-stats["divergence"] / config.divergence_scale)
-    else:
-        g = jnp.ones(keep.shape, jnp.float32)
+    g = DIFFICULTIES[config.difficulty].factor(config, stats, keep)
     g = jnp.where(keep, jnp.clip(g, 0.0, 1.0), 0.0)
     if config.granularity == "sequence":
         count = jnp.sum(keep, axis=-1, keepdims=True)
@@ -217,7 +318,7 @@ def token_stats(student_logits: jax.Array, teacher_logits: jax.Array | SparseTea
     """Per-token teacher statistics at temperature 1, the inputs of the difficulty factor.
 
     Args:
-      student_logits: `[..., V]`; only read for "divergence" (with_divergence=True).
+      student_logits: `[..., V]`; only read with with_divergence=True.
       teacher_logits: `[..., V_T]` or a `SparseTeacher`.
       labels: int `[...]`; labels < 0 are ignored like `mask`.
       mask: bool `[...]`; None keeps all tokens.
@@ -256,10 +357,11 @@ def compute_alpha(config: WeightingConfig, *, step, student_logits: jax.Array,
       float32 with the shape of labels, in [0, 1], 0 on masked tokens, no gradient.
     """
     keep = token_mask(labels.shape, mask, labels)
-    if config.difficulty == "none":
+    difficulty = DIFFICULTIES[config.difficulty]
+    if not difficulty.statistics:
         return _alpha_jit(config, step, {}, keep)
     stats = token_stats(student_logits, teacher_logits, labels, mask=mask,
-                        with_divergence=config.difficulty == "divergence", vocab_size=vocab_size,
+                        with_divergence=difficulty.needs_divergence, vocab_size=vocab_size,
                         vocab_map=vocab_map, chunk_size=chunk_size)
     return _alpha_jit(config, step, stats, keep)
 

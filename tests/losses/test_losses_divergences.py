@@ -1,4 +1,5 @@
-"""The KD family against float64 numpy and torch references, on ordinary and hostile inputs."""
+"""The KD family (every entry of KD_TERMS) against float64 numpy and torch references, on ordinary and
+hostile inputs."""
 
 import functools
 import logging
@@ -8,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import losses
 import losses_reference as ref
 
-KINDS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "dkd"]
+KINDS = list(losses.KD_TERMS)
 PARAMS = {"jsd": {"beta": 0.3}, "skew_kl": {"lam": 0.1}, "skew_reverse_kl": {"lam": 0.2},
           "dkd": {"alpha": 1.0, "beta": 2.0}}
 VOCAB = 37
@@ -28,8 +28,7 @@ def labels_for(seed, shape, vocab=VOCAB):
 
 
 def call(kind, student, teacher, labels, **kw):
-    args = (student, teacher, labels) if kind == "dkd" else (student, teacher)
-    return losses.KD_LOSSES[kind](*args, **PARAMS.get(kind, {}), **kw)
+    return losses.KD_TERMS[kind](student, teacher, labels, **PARAMS.get(kind, {}), **kw)
 
 
 @functools.cache
@@ -52,48 +51,15 @@ def jitted(kind, chunk_size="auto"):
 
 
 def numpy_reference(kind, student, teacher, labels, temperature=1.0):
-    args = (student, teacher, labels) if kind == "dkd" else (student, teacher)
+    args = (student, teacher, labels) if losses.KD_TERMS[kind].needs_labels else (student, teacher)
     return ref.REFERENCES[kind](*args, **PARAMS.get(kind, {}), temperature=temperature)
 
 
 def torch_terms(kind, s, t, labels, temperature):
-    """The same terms from torch ops: kl_div with log targets, log_softmax, logsumexp; DKD as in
-    the authors' mdistiller code (masking the target logit with -1000), per row, with the
-    binary split in log space (their probability-space version is inf at T = 0.1)."""
-    s, t = s / temperature, t / temperature
-    logq, logp = F.log_softmax(s, -1), F.log_softmax(t, -1)
-
-    def kl(log_target, log_input):  # KL(target || input): torch's argument order is reversed
-        return F.kl_div(log_input, log_target, reduction="none", log_target=True).sum(-1)
-
-    def mix(log_a, log_b, w):
-        return torch.logsumexp(torch.stack([log_a + np.log(w), log_b + np.log1p(-w)]), 0)
-
-    if kind == "forward_kl":
-        value = kl(logp, logq)
-    elif kind == "reverse_kl":
-        value = kl(logq, logp)
-    elif kind == "jsd":  # TRL GKDTrainer.generalized_jsd_loss's formula for 0 < beta < 1
-        beta = PARAMS["jsd"]["beta"]
-        logm = mix(logp, logq, beta)
-        value = beta * kl(logp, logm) + (1 - beta) * kl(logq, logm)
-    elif kind == "skew_kl":
-        value = kl(logp, mix(logp, logq, PARAMS["skew_kl"]["lam"]))
-    elif kind == "skew_reverse_kl":
-        value = kl(logq, mix(logq, logp, PARAMS["skew_reverse_kl"]["lam"]))
-    elif kind == "tvd":
-        value = 0.5 * (logp.exp() - logq.exp()).abs().sum(-1)
-    else:
-        gt = F.one_hot(torch.as_tensor(labels), s.shape[-1]).bool()
-
-        def split(log_probs):  # log of (target mass, non-target mass)
-            return torch.stack([log_probs.masked_fill(~gt, -torch.inf).logsumexp(-1),
-                                log_probs.masked_fill(gt, -torch.inf).logsumexp(-1)], -1)
-
-        tckd = kl(split(logp), split(logq))
-        nckd = kl(F.log_softmax(t - 1000.0 * gt, -1), F.log_softmax(s - 1000.0 * gt, -1))
-        value = PARAMS["dkd"]["alpha"] * tckd + PARAMS["dkd"]["beta"] * nckd
-    return temperature**2 * value
+    """The same terms from torch ops (`losses_reference.TORCH_REFERENCES`): kl_div with log
+    targets, log_softmax, logsumexp; DKD as in the authors' mdistiller code."""
+    args = (s, t, labels) if losses.KD_TERMS[kind].needs_labels else (s, t)
+    return ref.TORCH_REFERENCES[kind](*args, **PARAMS.get(kind, {}), temperature=temperature)
 
 
 @pytest.mark.parametrize("kind", KINDS)

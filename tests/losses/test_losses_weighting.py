@@ -1,6 +1,7 @@
 """The dynamic soft/hard weight a: config validation, schedules, difficulty formulas, properties."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,14 @@ import losses_reference as ref
 from losses import WeightingConfig
 
 VOCAB = 37
+EVERY_FIELD = {"alpha": 0.9, "alpha_end": 0.1, "warmup_steps": 5, "schedule_steps": 20, "boundaries": (10, 20),
+               "values": (0.2, 0.5, 0.8), "entropy_low": 0.6, "entropy_high": 0.9, "label_prob_power": 2.0,
+               "confidence": 0.3, "divergence_scale": 0.5}
+"""A value for every field a schedule or a difficulty policy reads: valid for each of them."""
+
+
+def allowed(registry):
+    return re.escape(", ".join(map(repr, registry)))
 
 
 def logits(seed, shape, scale=3.0):
@@ -21,8 +30,8 @@ def logits(seed, shape, scale=3.0):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"schedule": "cosin"}, r"WeightingConfig.schedule: got 'cosin'; allowed: 'fixed', 'linear', 'cosine', 'step'"),
-    ({"difficulty": "entropy"}, r"WeightingConfig.difficulty: got 'entropy'; allowed: 'none', 'teacher_entropy'"),
+    ({"schedule": "cosin"}, r"WeightingConfig.schedule: got 'cosin'; allowed: " + allowed(losses.SCHEDULES)),
+    ({"difficulty": "entropy"}, r"WeightingConfig.difficulty: got 'entropy'; allowed: " + allowed(losses.DIFFICULTIES)),
     ({"granularity": "batch"}, r"WeightingConfig.granularity: got 'batch'; allowed: 'token', 'sequence'"),
     ({"alpha": 1.5}, r"WeightingConfig.alpha: got 1.5; must be in \[0.0, 1.0\]"),
     ({"alpha_end": -0.1}, r"WeightingConfig.alpha_end: got -0.1"),
@@ -40,6 +49,19 @@ def logits(seed, shape, scale=3.0):
 def test_config_errors_name_field_value_and_allowed(kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message):
         WeightingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("schedule", losses.SCHEDULES)
+def test_config_checks_the_fields_each_schedule_reads(schedule):
+    reads = losses.SCHEDULES[schedule].fields
+    for field, bad, message in [("schedule_steps", 0, "schedule_steps: got 0; must be an int >= 1"),
+                                ("values", (0.5,), "values: got 1 values for 2 boundaries")]:
+        fields = {**EVERY_FIELD, field: bad}
+        if field in reads:
+            with pytest.raises(ValueError, match=message):
+                WeightingConfig(schedule=schedule, **fields)
+        else:
+            WeightingConfig(schedule=schedule, **fields)
 
 
 def test_config_is_frozen_hashable_and_accepts_yaml_lists():
@@ -71,46 +93,31 @@ def test_schedules(config, step, expected):
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [
-    WeightingConfig(alpha=0.8, warmup_steps=10),
-    WeightingConfig(schedule="linear", alpha=0.2, alpha_end=1.0, schedule_steps=100),
-    WeightingConfig(schedule="cosine", alpha=1.0, alpha_end=0.0, warmup_steps=20, schedule_steps=100),
-    WeightingConfig(schedule="step", boundaries=(10, 20), values=(0.0, 0.5, 1.0)),
-], ids=["fixed", "linear", "cosine", "step"])
-def test_schedules_take_an_array_of_steps(config):
-    steps = np.array([[0, 5, 9], [10, 20, 70], [120, 200, 12345]])
+def numpy_alpha(config, steps):
+    ramp = np.clip(steps / config.warmup_steps, 0, 1) if config.warmup_steps else 1.0
+    return np.clip(ramp * ref.SCHEDULE_REFERENCES[config.schedule](config, steps), 0, 1)
+
+
+@pytest.mark.parametrize("schedule", losses.SCHEDULES)
+def test_schedules_take_an_array_of_steps(schedule):
+    config = WeightingConfig(schedule=schedule, **EVERY_FIELD)
+    steps = np.array([[0, 3, 5], [9, 10, 15], [20, 25, 12345]])
     expected = [[float(losses.schedule_alpha(config, int(s))) for s in row] for row in steps]
     np.testing.assert_allclose(np.asarray(losses.schedule_alpha(config, steps)), expected, atol=1e-6)
+    np.testing.assert_allclose(expected, numpy_alpha(config, steps), atol=1e-6)
 
 
 def numpy_difficulty(config, student, teacher, labels, mask):
-    logp = ref.log_softmax(teacher)
-    p = np.exp(logp)
-    p_label = np.take_along_axis(p, labels[..., None], -1)[..., 0]
-    if config.difficulty == "teacher_entropy":
-        h = -np.sum(p * logp, -1) / np.log(teacher.shape[-1])
-        g = np.clip((h - config.entropy_low) / (config.entropy_high - config.entropy_low), 0, 1)
-    elif config.difficulty == "teacher_label_prob":
-        g = (1 - p_label) ** config.label_prob_power
-    elif config.difficulty == "teacher_correctness":
-        g = np.where((np.argmax(p, -1) != labels) & (p.max(-1) >= config.confidence), 0.0, 1.0)
-    else:
-        g = 1 - np.exp(-ref.kl(logp, ref.log_softmax(student)) / config.divergence_scale)
-    g = np.where(mask, g, 0.0)
+    g = np.where(mask, ref.DIFFICULTY_REFERENCES[config.difficulty](config, student, teacher, labels), 0.0)
     if config.granularity == "sequence":
         g = np.broadcast_to(g.sum(-1, keepdims=True) / np.maximum(mask.sum(-1, keepdims=True), 1), g.shape)
     return np.where(mask, g, 0.0)
 
 
-@pytest.mark.parametrize("difficulty, params", [
-    ("teacher_entropy", {"entropy_low": 0.6, "entropy_high": 0.9}),
-    ("teacher_label_prob", {"label_prob_power": 2.0}),
-    ("teacher_correctness", {"confidence": 0.3}),
-    ("divergence", {"divergence_scale": 0.5}),
-])
+@pytest.mark.parametrize("difficulty", losses.DIFFICULTIES)
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
-def test_difficulty_formulas(difficulty, params, granularity):
-    config = WeightingConfig(alpha=0.9, difficulty=difficulty, granularity=granularity, **params)
+def test_difficulty_formulas(difficulty, granularity):
+    config = WeightingConfig(difficulty=difficulty, granularity=granularity, **EVERY_FIELD)
     student, teacher = logits(0, (3, 6, VOCAB), 2.0), logits(1, (3, 6, VOCAB), 2.0)
     labels = np.random.default_rng(2).integers(0, VOCAB, (3, 6))
     labels[:, 0] = np.argmax(teacher[:, 0], -1)  # some tokens where the teacher is right
@@ -119,7 +126,7 @@ def test_difficulty_formulas(difficulty, params, granularity):
     mask[2] = False
     alpha = losses.compute_alpha(config, step=7, student_logits=student, teacher_logits=teacher, labels=labels,
                                  mask=mask)
-    expected = 0.9 * numpy_difficulty(config, student, teacher, labels, mask)
+    expected = numpy_alpha(config, np.array(7)) * numpy_difficulty(config, student, teacher, labels, mask)
     np.testing.assert_allclose(np.asarray(alpha), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -127,7 +134,7 @@ configs = st.builds(
     WeightingConfig,
     schedule=st.just("linear"), alpha=st.sampled_from([0.0, 0.4, 1.0]), alpha_end=st.just(1.0),
     warmup_steps=st.sampled_from([0, 5]), schedule_steps=st.just(10),
-    difficulty=st.sampled_from(losses.DIFFICULTIES), granularity=st.sampled_from(losses.GRANULARITIES),
+    difficulty=st.sampled_from(list(losses.DIFFICULTIES)), granularity=st.sampled_from(losses.GRANULARITIES),
 )
 
 
