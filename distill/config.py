@@ -25,7 +25,7 @@ from distill.data import DataConfig
 from distill.errors import ConfigError
 from distill.onpolicy import OnPolicyConfig
 from distill.optim import OptimConfig
-from losses import KD_LOSSES, FilterConfig, WeightingConfig
+from losses import KD_TERMS, FilterConfig, WeightingConfig
 
 
 def check_path_name(field_name: str, value, purpose: str) -> None:
@@ -52,7 +52,7 @@ class RunSection:
 class LossConfig:
     """A student's loss: per token (1 - a) * CE(hard) + a * KD(teacher, student; T), + router terms."""
 
-    kd: str = "forward_kl"  # the KD term: one of losses.KD_LOSSES
+    kd: str = "forward_kl"  # the KD term: one of losses.KD_TERMS
     kd_kwargs: dict = field(default_factory=dict)  # the KD term's parameters, e.g. {beta: 0.5} for jsd
     temperature: float = 1.0  # T of the KD term (KD is multiplied by T^2)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)  # how a moves (losses.WeightingConfig)
@@ -66,8 +66,12 @@ class LossConfig:
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # rows the student writes (distill.onpolicy)
 
     def __post_init__(self):
-        if self.kd not in KD_LOSSES:
-            raise ConfigError(f"kd={self.kd!r}: allowed values are {', '.join(sorted(KD_LOSSES))}")
+        if self.kd not in KD_TERMS:
+            raise ConfigError(f"kd={self.kd!r}: allowed values are {', '.join(sorted(KD_TERMS))}")
+        try:
+            KD_TERMS[self.kd].check_params(self.kd_kwargs)
+        except ValueError as error:
+            raise ConfigError(f"kd={self.kd!r}: {error}") from None
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature}: must be > 0")
         for name in ("load_balance_weight", "router_z_weight", "router_kd_weight", "label_smoothing"):

@@ -62,10 +62,8 @@ STATISTICS = ("ce", "kd", "alpha_p10", "alpha_p50", "alpha_p90", "teacher_wrong_
 
 
 def _kd_term(logits, target, labels, mask, cfg: LossConfig) -> jax.Array:
-    """The KD term alone, per token."""
-    kd = losses.KD_LOSSES[cfg.kd]
-    args = (logits, target, labels) if cfg.kd == "dkd" else (logits, target)
-    return kd(*args, temperature=cfg.temperature, mask=mask, **cfg.kd_kwargs)
+    """The KD term alone, per token (its registry entry uses the labels if it needs them)."""
+    return losses.KD_TERMS[cfg.kd](logits, target, labels, temperature=cfg.temperature, mask=mask, **cfg.kd_kwargs)
 
 
 def _distillation_target(target, cfg: LossConfig):

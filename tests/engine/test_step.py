@@ -48,6 +48,22 @@ def test_loss_is_ce_at_alpha_0_and_kd_at_alpha_1(alpha):
     np.testing.assert_allclose(metrics["student/distilled/alpha"], alpha)
 
 
+@pytest.mark.parametrize("kd", sorted(losses.KD_TERMS))
+def test_every_kd_term_of_the_registry_trains_through_the_step(kd):
+    """The step reads the KD term from `losses.KD_TERMS` (labels for those that need them): at a = 1 a
+    student's loss is the term's token mean on the teacher's and its own logits."""
+    _, models, plan, state, batch = setup(**{"loss.kd": kd, "loss.weighting.alpha": 1.0,
+                                             "loss.weighting.alpha_end": 1.0})
+    _, metrics = step(plan, state, batch)
+    mb = {k: v[0] for k, v in batch.items()}
+    run = lambda model: model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"]).logits  # noqa: E731
+    mask = mb["mask"] > 0
+    kd_value = losses.token_mean(losses.KD_TERMS[kd](run(models.students[0]), run(models.teacher), mb["labels"],
+                                                     mask=mask), mask)
+    np.testing.assert_allclose(metrics["student/distilled/kd"], kd_value, rtol=2e-5)
+    np.testing.assert_allclose(metrics["student/distilled/loss"], kd_value, rtol=2e-5)
+
+
 def test_control_student_loss_is_plain_ce_and_ignores_the_teacher():
     cfg, models, plan, state, batch = setup(**{"optim.warmup_steps": 0})  # a first step with lr > 0
     new_state, metrics = step(plan, state, batch)
