@@ -23,7 +23,7 @@ from transformers import Llama4ForCausalLM, Llama4TextConfig
 from distill import cli
 from distill.config import load_config, save_config
 
-TINY = Path(__file__).parent / "engine" / "tiny.yaml"
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def test_bad_input_is_refused_with_one_clear_message_and_nothing_written(name, t
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert digests(work) == before, "the command wrote or changed files"
     reliability_record("bad_input", case=name, input=case.input, exit=code,
-           message=message.replace(str(work), "WORK").replace(str(TINY.parent), "tests/engine"))
+           message=message.replace(str(work), "WORK").replace(str(TINY.parent), "tests/configs"))
 
 
 def test_non_utf8_bytes_are_accepted_by_the_byte_tokenizer(tmp_path):

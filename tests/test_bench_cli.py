@@ -61,7 +61,7 @@ def test_teacher_load_benchmark_tables_both_ways_of_reading_a_teacher(tmp_path):
     import distill
 
     run_dir = tmp_path / "run"
-    distill.run(distill.load_config(Path(__file__).parent / "engine" / "tiny.yaml",
+    distill.run(distill.load_config(Path(__file__).parent / "configs" / "tiny.yaml",
                                     [f"run.dir={run_dir}", "train.steps=2", "teacher.warmup_steps=0"]))
     result = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "teacher_load", str(run_dir), "--repeats",
                              "1"], capture_output=True, text=True, timeout=600)

@@ -11,7 +11,7 @@ import pytest
 import distill
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "tests" / "engine" / "tiny.yaml"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 sys.path.insert(0, str(ROOT / "experiments" / "results"))
 
 import offline  # noqa: E402

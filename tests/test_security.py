@@ -15,7 +15,7 @@ from distill.config import load_config
 from distill.errors import ConfigError
 from distill.sweep import run_names
 
-TINY = Path(__file__).parent / "engine" / "tiny.yaml"
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 
 class Payload:

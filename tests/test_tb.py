@@ -15,7 +15,7 @@ import pytest
 import distill
 from distill.tb import start
 
-TINY = Path(__file__).parent / "engine" / "tiny.yaml"
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 
 def get(url: str):

@@ -1,6 +1,6 @@
 """The collectives in the compiled co-distillation step, per mesh (what docs/sharding.md lists).
 
-    distill bench collectives [--config tests/engine/sharded.yaml] [--devices 8]
+    distill bench collectives [--config tests/configs/sharded.yaml] [--devices 8]
                               [--mesh data=2,fsdp=2,expert=2 ...] [overrides ...]
 
 The step is lowered and compiled from shapes alone on simulated CPU devices (--devices sets
@@ -25,7 +25,7 @@ def array_shapes(shape: str) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tests/engine/sharded.yaml")
+    parser.add_argument("--config", default="tests/configs/sharded.yaml")
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--mesh", action="append", help="axis=size,... (repeatable)")
     parser.add_argument("overrides", nargs="*")

@@ -21,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "reliability.md"
-TESTS = ["tests/engine/test_faults.py", "tests/test_bad_input.py", "tests/test_security.py",
-         "tests/engine/test_sharding.py::test_a_mesh_the_model_cannot_split_is_refused_before_anything_is_written"]
+TESTS = ["tests/trainer/test_faults.py", "tests/test_bad_input.py", "tests/test_security.py",
+         "tests/trainer/test_sharding.py::test_a_mesh_the_model_cannot_split_is_refused_before_anything_is_written"]
 
 
 def collect(slow: bool) -> list[dict]:

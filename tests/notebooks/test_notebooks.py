@@ -37,7 +37,7 @@ def small_parameters(name: str, tmp: Path) -> dict:
     if name == "routing.ipynb":
         # no run there yet: the notebook trains one first; a teacher with more experts and MoE layers
         # than its students, as in quickstart.ipynb's run
-        return {"run_dir": str(tmp / "routing"), "config": str(REPO / "tests/engine/tiny.yaml"),
+        return {"run_dir": str(tmp / "routing"), "config": str(REPO / "tests/configs/tiny.yaml"),
                 "overrides": ["train.steps=6", "train.eval_every=6", "train.checkpoint_every=6",
                               "data.max_bytes=1000000", "teacher.model.num_hidden_layers=4",
                               "teacher.model.num_local_experts=8"],

@@ -34,7 +34,7 @@ from distill.sweep import (
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
-TINY = ROOT / "tests" / "engine" / "tiny.yaml"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 def write_sweep(tmp_path: Path, body: dict, name: str = "s") -> Path:
@@ -369,7 +369,7 @@ def test_dry_run_lists_the_commands_and_runs_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1] == "max_bytes-200000_seed-0"
-    assert lines[2].split()[1:] == ["-m", "distill.cli", "run", "tests/engine/tiny.yaml", "train.steps=2",
+    assert lines[2].split()[1:] == ["-m", "distill.cli", "run", "tests/configs/tiny.yaml", "train.steps=2",
                                     "teacher.warmup_steps=0", "train.eval_every=2", "train.eval_batches=1",
                                     "train.checkpoint_every=2", "data.max_bytes=200000", "train.seed=0",
                                     f"run.dir={tmp_path / 'dry' / 'max_bytes-200000_seed-0'}"]

@@ -25,7 +25,7 @@ from teacher import cache_writer as cache_module
 from teacher.cache import TeacherCache, read_meta
 from teacher.cache_writer import write_cache
 
-TINY = Path(__file__).parents[1] / "engine" / "tiny.yaml"
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 K = 16
 
 

@@ -25,7 +25,7 @@ from distill.hf import to_hf
 from distill.runs import checkpoint_tree, model_with_params
 from distill.setup import initial_state
 
-SHARDED = Path(__file__).parents[1] / "engine" / "sharded.yaml"
+SHARDED = Path(__file__).parents[1] / "configs" / "sharded.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from distill.parallel import single_device_mesh
 from distill.setup import build_models, fresh_state, step_plan
 from distill.step import eval_metrics, eval_step, train_step
 
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 
 def setup(**overrides):

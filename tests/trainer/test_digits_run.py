@@ -12,7 +12,7 @@ import distill
 from distill.runs import load_models
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 VISION = ("{image_size: 8, patch_size: 2, num_channels: 1, hidden_size: 16, intermediate_size: 16, "
           "num_hidden_layers: 1, num_attention_heads: 2, vision_output_dim: 16}")
 sys.path.insert(0, str(ROOT / "experiments" / "results"))

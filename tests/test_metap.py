@@ -21,7 +21,7 @@ from distill.model.layout import param_path
 from distill.optim import OptimConfig, make_optimizer
 from student.presets import STUDENT_PRESETS
 
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 BASE = dataclasses.replace(STUDENT_PRESETS["cpu-student-tiny"], hidden_size=32, intermediate_size=32,
                            intermediate_size_mlp=64, num_attention_heads=2, num_key_value_heads=1)
 

@@ -21,7 +21,7 @@ from distill.run_logger import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree, load_models
 from distill.rundir import finished_summary
 
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 
 
 def tiny(run_dir: Path, **overrides):

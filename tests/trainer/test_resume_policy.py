@@ -16,7 +16,7 @@ from distill.errors import ConfigError
 from distill.run_logger import read_metrics_jsonl
 from distill.rundir import finished_summary
 
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 SHORT = ["train.steps=4", "train.checkpoint_every=2", "train.eval_every=4", "teacher.warmup_steps=0"]
 
 

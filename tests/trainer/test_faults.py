@@ -20,7 +20,7 @@ from distill import cli
 from distill.run_logger import read_metrics_jsonl, read_scalars
 from distill.runs import checkpoint_tree
 
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
 CLI = [sys.executable, "-m", "distill.cli", "run", str(TINY)]
 
 

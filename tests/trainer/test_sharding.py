@@ -17,7 +17,7 @@ import pytest
 import distill
 from distill.run_logger import read_metrics_jsonl
 
-CONFIG = Path(__file__).with_name("sharded.yaml")
+CONFIG = Path(__file__).parents[1] / "configs" / "sharded.yaml"
 WORKER = Path(__file__).with_name("sharded_worker.py")
 MESHES = {"data8": {"data": 8}, "dp_fsdp_ep": {"data": 2, "fsdp": 2, "expert": 2},
           "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}

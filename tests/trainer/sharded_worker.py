@@ -3,7 +3,7 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python sharded_worker.py JOBS_JSON
 
 JOBS_JSON: a list of {"run_dir", "mesh": {axis: size}, "stop_after": int | null, "collectives":
-bool}. Each job runs (or resumes) tests/engine/sharded.yaml on that mesh, then restores its latest
+bool}. Each job runs (or resumes) tests/configs/sharded.yaml on that mesh, then restores its latest
 checkpoint onto the same mesh and reports, as one JSON line per job on stdout: every parameter's
 addressable shard shapes, per device the bytes the shardings imply against the bytes the arrays
 hold, and (when asked) the collectives of the compiled step.
@@ -25,7 +25,7 @@ from distill.parallel import all_expert_gathers, bytes_per_device, collectives
 from distill.runs import restore_state
 from distill.setup import compiled_step
 
-CONFIG = Path(__file__).with_name("sharded.yaml")
+CONFIG = Path(__file__).parents[1] / "configs" / "sharded.yaml"
 
 
 def shard_shapes(tree) -> dict[str, list[list[int]]]:

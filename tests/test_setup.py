@@ -12,7 +12,7 @@ import distill
 from distill.data import build_data
 from distill.setup import compiled_step, initial_state, random_batch
 
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 
 def test_random_batch_has_the_layout_of_real_batches():

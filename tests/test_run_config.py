@@ -11,7 +11,7 @@ from distill.config import TrainConfig, build_config
 from distill.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = Path(__file__).with_name("tiny.yaml")
+TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")) + [TINY], ids=lambda p: p.name)

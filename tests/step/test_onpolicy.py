@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_step import TINY, leaves, setup, step
+from test_train_step import TINY, leaves, setup, step
 
 import distill
 from distill.errors import ConfigError
@@ -133,7 +133,7 @@ print(json.dumps([r for r in read_metrics_jsonl(run_dir) if "student/distilled/o
 def test_sampled_rows_and_losses_are_the_same_on_an_expert_parallel_mesh(tmp_path):
     """Temperature-1 sampling on data x fsdp x expert (8 simulated devices, 4 rows written per
     step: fewer decode tokens than expert shards) gives the 1-device run's losses (~2 min)."""
-    config = Path(__file__).with_name("sharded.yaml")
+    config = Path(__file__).parents[1] / "configs" / "sharded.yaml"
     results = []
     for name, mesh, devices in [("one", {"data": 1}, 1), ("eight", {"data": 2, "fsdp": 2, "expert": 2}, 8)]:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
