@@ -20,7 +20,8 @@ from typing import Literal
 
 import yaml
 
-from distill.configtools import field_names, from_dict, parse_override, set_dotted, to_dict, unknown_key_error
+from distill.configtools import (field_names, from_dict, parse_override, read_config_mapping, set_dotted, to_dict,
+                                 unknown_key_error)
 from distill.data import DataConfig
 from distill.errors import ConfigError
 from distill.onpolicy import OnPolicyConfig
@@ -279,12 +280,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path}: not valid YAML ({error})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+        raw = read_config_mapping(path, f"config file {path}")
     combined = {**dict(parse_override(o) for o in overrides or [])}
     for key, value in keywords.items():
         combined[key if "." in key else _resolve_keyword(key)] = value

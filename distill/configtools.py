@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -136,6 +137,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def read_config_mapping(path: Path, where: str) -> dict:
+    """A YAML file of config sections as a mapping; a ConfigError starting with `where` when it does
+    not parse or is not a mapping."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections at the top level")
+    return raw
+
+
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     """Set `a.b.0.c` in a nested dict/list tree, creating mappings on the way."""
     parts = dotted.split(".")
@@ -162,5 +175,5 @@ def field_names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 
 
-__all__ = ["ConfigError", "convert", "field_names", "from_dict", "parse_override", "set_dotted", "to_dict",
-           "unknown_key_error"]
+__all__ = ["ConfigError", "convert", "field_names", "from_dict", "parse_override", "read_config_mapping", "set_dotted",
+           "to_dict", "unknown_key_error"]

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 
 from distill.checkpoint import committed_steps
 from distill.config import Config, build_config, save_config
+from distill.configtools import read_config_mapping
 from distill.errors import ConfigError
 from distill.guards import RunLock
 
@@ -45,13 +46,7 @@ def read_config_tree(run_dir: str | Path, where: str | None = None) -> dict:
     config_file = Path(run_dir) / CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(f"{where or run_dir}: not a run directory (no {CONFIG_FILE})")
-    try:
-        tree = yaml.safe_load(config_file.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{where or run_dir}: its {CONFIG_FILE} is not valid YAML ({error})") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where or run_dir}: its {CONFIG_FILE} is not a mapping of config sections")
-    return tree
+    return read_config_mapping(config_file, f"{where or run_dir}: its {CONFIG_FILE}")
 
 
 def run_config(run_dir: str | Path) -> Config:
