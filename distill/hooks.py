@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from distill.checkpoint import Checkpoints
+from distill.config import TrainConfig
 from distill.progress import Progress
 from distill.run_logger import RunLogger
 from distill.step import TrainState, eval_metrics
@@ -56,10 +57,10 @@ class NonFiniteGuard:
     (a small device read): a warning, or the status "nonfinite" with `on_nonfinite="stop"`, which
     stops the run before it saves (the last checkpoint stays intact)."""
 
-    def __init__(self, names: list[str], state: TrainState, log_every: int, checkpoint_every: int, stop: bool,
-                 checkpoints: Checkpoints, progress: Progress):
-        self.names, self.log_every, self.checkpoint_every, self.stop = names, log_every, checkpoint_every, stop
-        self.checkpoints, self.progress = checkpoints, progress
+    def __init__(self, names: list[str], state: TrainState, train: TrainConfig, checkpoints: Checkpoints,
+                 progress: Progress):
+        self.names, self.log_every, self.checkpoint_every = names, train.log_every, train.checkpoint_every
+        self.stop, self.checkpoints, self.progress = train.on_nonfinite == "stop", checkpoints, progress
         self.skipped = np.asarray(jax.device_get(state.skipped))
 
     def due(self, end: StepEnd) -> bool:

@@ -165,8 +165,8 @@ class Session:
         prompts = {s.name: s.loss.on_policy.prompt_tokens for s in self.run.exp.students}
         array_logs = [FilteredRows(logger, self.batches.rows, tokenizer), WrittenRows(logger, prompts, tokenizer),
                       Histograms(logger)]
-        return [NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train.log_every,
-                               train.checkpoint_every, train.on_nonfinite == "stop", self.checkpoints, progress),
+        return [NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train, self.checkpoints,
+                               progress),
                 MetricsLog(logger, progress, train.log_every, cfg.data.batch_size * cfg.data.seq_len, array_logs,
                            self.start),
                 self.evaluation,

@@ -25,7 +25,7 @@ from distill.model import ModelOutput
 from distill.model.sharding import ShardingContext
 from distill.step.averages import tokens_per_micro_batch
 from distill.step.state import Batch, forward
-from distill.step.teacher import accuracy, expert_load, router_terms
+from distill.step.teacher import Targets, accuracy, expert_load, router_terms
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,14 @@ class StudentMicro(NamedTuple):
     logits: jax.Array  # stop-gradient, for the teacher's mutual term
     row_scores: jax.Array | None  # [rows]: difficulty filtering's scores
     written: jax.Array | None  # [seq + 1]: the first row it wrote (on-policy)
+
+
+class Turn(NamedTuple):
+    """Where a student stands at this step."""
+
+    step: jax.Array  # its own steps so far (the teacher's warm-up not counted): its weighting schedule's step
+    writing: jax.Array | bool  # it writes its on-policy rows now (not before on_policy.start_step)
+    stream: jax.Array  # which of the step's sampling keys is its own (micro-batch and student)
 
 
 STATISTICS = ("ce", "kd", "alpha_p10", "alpha_p50", "alpha_p90", "teacher_wrong_frac")
@@ -129,7 +137,8 @@ def token_counts(plan: StudentPlan, mask: jax.Array, writing) -> dict[str, jax.A
             "written": jnp.ones_like(data_rows)}
 
 
-def with_written_rows(plan: StudentPlan, params, mb: Batch, target_logits, target_router, score: Callable, key):
+def with_written_rows(plan: StudentPlan, params, mb: Batch, targets: Targets, score: Callable,
+                      key) -> tuple[Batch, Targets]:
     """The micro-batch with its first `plan.on_policy_rows` rows replaced by the student's own
     continuations, and the distillation target's logits (and router logits) on them; `score` runs
     the target on a batch."""
@@ -139,21 +148,21 @@ def with_written_rows(plan: StudentPlan, params, mb: Batch, target_logits, targe
     written = onpolicy.student_rows(nnx.merge(plan.graph, params), mb["tokens"][:n], plan.loss.on_policy, key)
     scored = score(written)
     batch = {k: jnp.concatenate([written[k].astype(v.dtype), v[n:]]) if k in written else v for k, v in mb.items()}
-    logits = jnp.concatenate([scored.logits, target_logits[n:]])
-    router = jnp.concatenate([scored.router_logits, target_router[:, n * seq:]], axis=1)
-    return batch, jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router)
+    logits = jnp.concatenate([scored.logits, targets.logits[n:]])
+    router = jnp.concatenate([scored.router_logits, targets.router_logits[:, n * seq:]], axis=1)
+    return batch, Targets(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router), targets.judgement)
 
 
 # ----------------------------------------------------------------------------- the loss
 
-def _written_rows_loss(plan: StudentPlan, out: ModelOutput, batch: Batch, target_logits, student_step, writing):
+def _written_rows_loss(plan: StudentPlan, out: ModelOutput, batch: Batch, target_logits, turn: Turn):
     """(per-token loss, metrics) on the rows the student wrote: its KD term alone (while it writes)."""
-    n, cfg = plan.on_policy_rows, plan.loss
+    n, cfg, writing = plan.on_policy_rows, plan.loss, turn.writing
     mask, labels = batch["mask"][:n] > 0, batch["labels"][:n]
     head_target = _distillation_target(target_logits[:n], cfg)
     loss = _kd_term(out.logits[:n], head_target, labels, mask, cfg)
     if cfg.on_policy.start_step:  # before it, rows [:n] are still data rows
-        data_head, _ = plan.objective.data_loss(plan, out.logits[:n], head_target, labels, mask, student_step)
+        data_head, _ = plan.objective.data_loss(plan, out.logits[:n], head_target, labels, mask, turn.step)
         loss = jnp.where(writing, loss, data_head)
     metrics = {"on_policy_kd": jnp.where(writing, losses.token_mean(loss, mask), 0.0),
                "on_policy_teacher_nll": jnp.where(writing, losses.token_mean(
@@ -188,30 +197,31 @@ def _router_entropy(out: ModelOutput) -> jax.Array:
     return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
 
 
-def student_loss(params, plan: StudentPlan, batch: Batch, target_logits, target_router, student_step, judgement,
-                 writing) -> tuple[jax.Array, StudentMicro]:
+def student_loss(params, plan: StudentPlan, batch: Batch, targets: Targets,
+                 turn: Turn) -> tuple[jax.Array, StudentMicro]:
     """The student's loss on a micro-batch (rows [:on_policy_rows] it wrote, the rest data), and what
     to log of it."""
+    target_logits = targets.logits
     out = forward(plan.graph, params, batch, plan.sharding)
     mask, labels, cfg, n = batch["mask"] > 0, batch["labels"], plan.loss, plan.on_policy_rows
     metrics = {"all": {}, "data": {}, "written": {}}
     per_token = []
     if n:
-        written_loss, metrics["written"] = _written_rows_loss(plan, out, batch, target_logits, student_step, writing)
+        written_loss, metrics["written"] = _written_rows_loss(plan, out, batch, target_logits, turn)
         per_token.append(written_loss)
     data_target = _distillation_target(target_logits[n:] if n else target_logits, cfg)
     if n < labels.shape[0]:
         data_loss, metrics["data"] = plan.objective.data_loss(plan, out.logits[n:], data_target, labels[n:], mask[n:],
-                                                              student_step)
+                                                              turn.step)
         per_token.append(data_loss)
         metrics["data"]["accuracy"] = accuracy(out.logits[n:], labels[n:], batch["mask"][n:])
-    token_weights, metrics["all"], scores = _filter_weights(plan, out, batch, judgement)
+    token_weights, metrics["all"], scores = _filter_weights(plan, out, batch, targets.judgement)
     main = losses.token_mean(jnp.concatenate(per_token), token_weights)
     balance, z = router_terms(out.router_logits, out.expert_indices, token_weights > 0, plan.num_experts)
     total = main + cfg.load_balance_weight * balance + cfg.router_z_weight * z
     metrics["all"].update(loss=main, load_balance=balance, z_loss=z)
     if plan.router_kd:
-        router_kd = _router_kd(out, target_router, token_weights)
+        router_kd = _router_kd(out, targets.router_logits, token_weights)
         total = total + cfg.router_kd_weight * router_kd
         metrics["all"]["router_kd"] = router_kd
     metrics["data"].update(plan.objective.measured(plan, out.logits, data_target, mask))

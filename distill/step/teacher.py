@@ -192,16 +192,24 @@ def target_params(plan: TeacherPlan, state: TrainState):
     return state.target if plan.target.separate else state.teacher.params
 
 
-def distillation_target(plan: TeacherPlan, state: TrainState, mb: Batch, teacher: TeacherPass,
-                        with_students: bool) -> tuple[Any, jax.Array | None]:
-    """(logits, router logits) the students distil from on this micro-batch, without gradient: the
-    teacher's own pass, or the separate target's forward."""
+class Targets(NamedTuple):
+    """What the students distil from on a micro-batch, without gradient."""
+
+    logits: Any  # [rows, seq, V], or a losses.SparseTeacher
+    router_logits: jax.Array | None  # [L_moe, rows * seq, E]; None for a cached teacher
+    judgement: tuple | None  # (log p_T(label), top-1) per token when a student filters rows by difficulty
+
+
+def distillation_targets(plan: TeacherPlan, state: TrainState, mb: Batch, teacher: TeacherPass,
+                         with_students: bool, judge: bool) -> Targets:
+    """The teacher's own pass, or the separate target's forward; with `judge`, its judgement of the rows."""
     if plan.target.separate and with_students:
         out = forward(plan.graph, state.target, mb, plan.sharding)
         logits, router = out.logits, out.router_logits
     else:
         logits, router = teacher.logits, teacher.router_logits
-    return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router)
+    logits, router = jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router)
+    return Targets(logits, router, teacher_judgement(logits, mb) if judge else None)
 
 
 def teacher_judgement(target, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -12,8 +12,8 @@ import optax
 from distill.optim import apply_finite, current_lr
 from distill.step import averages
 from distill.step.state import Batch, ModelState, TrainState, forward
-from distill.step.student import StudentMicro, StudentPlan, student_loss, token_counts, with_written_rows, writes
-from distill.step.teacher import TeacherPlan, distillation_target, expert_load, target_params, teacher_judgement
+from distill.step.student import StudentMicro, StudentPlan, Turn, student_loss, token_counts, with_written_rows, writes
+from distill.step.teacher import Targets, TeacherPlan, distillation_targets, expert_load, target_params
 
 
 @dataclass(frozen=True)
@@ -72,13 +72,13 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
         mb, teacher_share, shares = xs
         # 1. the teacher's pass, and what the students distil from
         teacher = plan.teacher.kind.run(plan.teacher, state.teacher.params, mb.batch)
-        target, target_router = distillation_target(plan.teacher, state, mb.batch, teacher, bool(students))
-        judgement = teacher_judgement(target, mb.batch) if any(sp.loss.filter.active for sp in students) else None
+        targets = distillation_targets(plan.teacher, state, mb.batch, teacher, bool(students),
+                                       judge=any(sp.loss.filter.active for sp in students))
         # 2. each student's gradient
         learned, student_grads = [], []
-        for i, (sp, s_state, acc, share) in enumerate(zip(students, state.students, grads.students, shares)):
-            s_grads, out = _student_gradients(plan, state, sp, s_state, mb.batch, target, target_router,
-                                              student_step, judgement, writing[i], mb.index * len(students) + i)
+        for i, (acc, share) in enumerate(zip(grads.students, shares)):
+            turn = Turn(student_step, writing[i], mb.index * len(students) + i)
+            s_grads, out = _student_gradients(plan, state, i, mb.batch, targets, turn)
             student_grads.append(jax.tree.map(lambda a, g: a + share * g, acc, s_grads))
             learned.append(out)
         # 3. the teacher's own gradient (its mutual term reads the students' logits)
@@ -101,21 +101,21 @@ def train_step(plan: StepPlan, state: TrainState, batch: Batch, *, with_students
     return _apply(plan, state, students, _poisoned(plan, state, grads), outputs)
 
 
-def _student_gradients(plan: StepPlan, state: TrainState, sp: StudentPlan, s_state: ModelState, mb: Batch, target,
-                       target_router, student_step, judgement, writing, stream: int) -> tuple[Any, StudentMicro]:
-    """The student's gradient on a micro-batch, first writing its on-policy rows if it has any
-    (sampled with a key of its own per step and `stream`: micro-batch and student)."""
+def _student_gradients(plan: StepPlan, state: TrainState, index: int, mb: Batch, targets: Targets,
+                       turn: Turn) -> tuple[Any, StudentMicro]:
+    """Student `index`'s gradient on a micro-batch, first writing its on-policy rows if it has any
+    (sampled with a key of its own: the step's, and its turn's stream)."""
+    sp, params = plan.students[index], state.students[index].params
     if sp.on_policy_rows:
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), state.step), stream)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), state.step), turn.stream)
         score = lambda rows: forward(plan.teacher.graph, target_params(plan.teacher, state), rows,  # noqa: E731
                                      plan.teacher.sharding)
-        write = lambda: with_written_rows(sp, s_state.params, mb, target, target_router, score, key)  # noqa: E731
+        write = lambda: with_written_rows(sp, params, mb, targets, score, key)  # noqa: E731
         if sp.loss.on_policy.start_step:  # off-policy (no sampling at all) before it
-            mb, target, target_router = jax.lax.cond(writing, write, lambda: (mb, target, target_router))
+            mb, targets = jax.lax.cond(turn.writing, write, lambda: (mb, targets))
         else:
-            mb, target, target_router = write()
-    (_, out), grads = jax.value_and_grad(student_loss, has_aux=True)(
-        s_state.params, sp, mb, target, target_router, student_step, judgement, writing)
+            mb, targets = write()
+    (_, out), grads = jax.value_and_grad(student_loss, has_aux=True)(params, sp, mb, targets, turn)
     return grads, out
 
 
