@@ -100,7 +100,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    series = compare.curves(compare.run_dirs(args.dirs), args.metric)
+    runs = compare.run_dirs(args.dirs)
+    if args.by_model and len(runs) != 1:
+        raise ConfigError(f"--by-model: give one run directory (got {len(runs)} runs)")
+    series = compare.model_curves(runs[0], args.metric) if args.by_model else compare.curves(runs, args.metric)
     print(compare.table(series, args.metric))
     print(f"plot: {compare.plot(series, args.metric, args.out)}")
     return 0
@@ -166,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=_sweep)
     compare = commands.add_parser("compare", help="one metric of several runs (or a sweep's runs) on one plot")
     compare.add_argument("dirs", nargs="+", help="run directories, or folders of runs (a sweep)")
-    compare.add_argument("--metric", required=True, help="a logged tag, e.g. eval/student/distilled/bpb")
+    compare.add_argument("--metric", required=True, help="a logged tag, e.g. eval/student/distilled/bpb; with "
+                         "--by-model a per-model one, e.g. eval/bpb or train/ce")
+    compare.add_argument("--by-model", action="store_true", help="one run: a line per model (teacher, students)")
     compare.add_argument("--out", default="compare.png", help="the PNG to write")
     compare.set_defaults(handler=_compare)
     tb = commands.add_parser("tb", help="TensorBoard on 127.0.0.1 for a run, sweep or runs directory")

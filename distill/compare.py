@@ -1,5 +1,6 @@
-"""`distill compare`: one metric of several runs (or every run of a sweep) on one plot, for papers
-and for readers who do not open TensorBoard; also a table of each run's last value."""
+"""`distill compare`: one metric of several runs (or every run of a sweep) on one plot, or of every
+model of one run (`--by-model`: TensorBoard's per-model chart), for papers and for readers who do
+not open TensorBoard; also a table of each run's (or model's) last value."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from distill.errors import ConfigError
 from distill.run_logger import read_metrics_jsonl
+from distill.rundir import MODEL_BOARDS_DIR, tensorboard_route
 
 
 def run_dirs(paths: list[str | Path]) -> list[Path]:
@@ -40,6 +42,26 @@ def curves(runs: list[Path], metric: str) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
+def model_curves(run: Path, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of a model-free `metric` (`eval/bpb`, `train/ce`, as TensorBoard's per-model
+    sub-runs name it) for every model of one run: teacher, then the students."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    seen = set()
+    for row in read_metrics_jsonl(run):
+        for tag, value in row.items():
+            subrun, board_tag = tensorboard_route(tag)
+            if subrun.startswith(f"{MODEL_BOARDS_DIR}/"):
+                seen.add(board_tag)
+                if board_tag == metric:
+                    series.setdefault(subrun.split("/", 1)[1], []).append((int(row["step"]), float(value)))
+    if not series:
+        close = difflib.get_close_matches(metric, sorted(seen), n=3, cutoff=0.4)
+        hint = f"; close: {', '.join(close)}" if close else ""
+        raise ConfigError(f"--metric {metric}: no model of {run} logged it (per-model metrics are named like "
+                          f"eval/bpb or train/ce){hint}")
+    return dict(sorted(series.items(), key=lambda item: item[0] != "teacher"))
+
+
 def _common(runs: list[Path]) -> Path:
     parts = [Path(r).absolute().parts for r in runs]
     shared = [p[0] for p in zip(*parts) if len(set(p)) == 1]
@@ -69,8 +91,8 @@ def plot(series: dict[str, list[tuple[int, float]]], metric: str, out: str | Pat
 
 
 def table(series: dict[str, list[tuple[int, float]]], metric: str) -> str:
-    """Markdown: each run's last step and value of the metric, best (lowest) first."""
+    """Markdown: each run's (or model's) last step and value of the metric, best (lowest) first."""
     rows = sorted(series.items(), key=lambda item: item[1][-1][1])
-    lines = [f"| run | step | {metric} |", "|---|---|---|"]
+    lines = [f"| run or model | step | {metric} |", "|---|---|---|"]
     lines += [f"| {label} | {points[-1][0]} | {points[-1][1]:.4f} |" for label, points in rows]
     return "\n".join(lines)

@@ -150,6 +150,9 @@ class StudentConfig:
 
     def __post_init__(self):
         check_path_name("students.name", self.name, "it names the student's metrics, student/<name>/...")
+        if self.name == "teacher":
+            raise ConfigError("students.name='teacher': the teacher's name (its TensorBoard sub-run is tb/teacher); "
+                              "choose another")
 
 
 @dataclass(frozen=True)

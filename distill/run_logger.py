@@ -1,8 +1,12 @@
 """Metric logging for one run: ``RUN_DIR/metrics.jsonl`` and TensorBoard event files.
 
-The run directory *is* the TensorBoard run (see shared/design/ARCHITECTURE.md): event files are
-written directly in ``run_dir``, never in sub-directories, so a sweep's runs overlay in
-TensorBoard and its HParams dashboard compares them.
+The run directory *is* the TensorBoard run (see shared/design/ARCHITECTURE.md): its event files
+hold the run-level summaries (the HParams session, the config text, ``perf/...``). A ``route``
+may send a tag to a sub-run instead, under another tag: the trainer sends every per-model metric
+to ``RUN_DIR/tb/<model>/`` under a model-free tag (``distill.rundir.tensorboard_route``), so
+TensorBoard draws one chart per metric with one line per model, within a run and across a sweep's
+runs, and the HParams dashboard reads a model's final metrics from its sub-run (the metric's
+``group``).
 
     from distill.run_logger import RunLogger
     with RunLogger(run_dir, hparams={"loss.temperature": 2.0, "student": "small"}) as logger:
@@ -62,7 +66,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +74,7 @@ import numpy as np
 
 __all__ = [
     "METRICS_FILE",
+    "Route",
     "RunLogger",
     "load_event_accumulator",
     "read_metrics_jsonl",
@@ -83,6 +88,9 @@ _log = logging.getLogger(__name__)
 # JSON spelling of non-finite floats (the tokens Python's json module would emit if allowed).
 _NONFINITE_TO_JSON = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 _JSON_TO_NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+Route = Callable[[str], tuple[str, str]]
+"""tag -> (sub-run: a path relative to the run directory, "" for the run directory itself; its tag there)."""
 
 _HPARAMS_PLUGIN = "hparams"
 _REWRITE_TMP_PREFIX = ".distill-rewrite-"  # must not contain "tfevents": TensorBoard would read it
@@ -165,6 +173,17 @@ def _hparam_value(value: Any) -> bool | float | str:
 # --------------------------------------------------------------------------------------------
 # run-directory surgery (resume)
 # --------------------------------------------------------------------------------------------
+
+
+def _event_dirs(run_dir: Path) -> list[Path]:
+    """The run directory and its sub-runs: every folder below it holding event files (checkpoints
+    and hidden folders are not searched)."""
+    found = []
+    for folder, subfolders, files in os.walk(run_dir):
+        subfolders[:] = sorted(d for d in subfolders if d != "checkpoints" and not d.startswith("."))
+        if folder == str(run_dir) or any("tfevents" in name for name in files):
+            found.append(Path(folder))
+    return found
 
 
 def _event_files(run_dir: Path) -> list[Path]:
@@ -288,6 +307,7 @@ class RunLogger:
 
     Args:
       run_dir: the run directory (created if needed).
+      route: where a tag goes in TensorBoard (`Route`); default: every tag, as it is, in run_dir.
       hparams: hyper-parameters shown in TensorBoard's HParams dashboard; values are numbers,
         strings or bools, anything else is converted to a string (None -> "None", lists -> JSON).
         Use the same keys in every run of a sweep: the dashboard takes its columns from one run.
@@ -303,6 +323,7 @@ class RunLogger:
         run_dir: str | os.PathLike,
         *,
         hparams: Mapping[str, Any] | None = None,
+        route: Route | None = None,
         enabled: bool = True,
         resume_step: int | None = None,
         flush_secs: float = 10.0,
@@ -311,7 +332,9 @@ class RunLogger:
         self.enabled = bool(enabled)
         self.resume_step = None if resume_step is None else int(resume_step)
         self.hparams = {str(k): _hparam_value(v) for k, v in dict(hparams or {}).items()}
-        self._writer = None
+        self.route = route or (lambda tag: ("", tag))
+        self._writers: dict[str, Any] = {}  # sub-run -> its SummaryWriter, opened on its first summary
+        self._flush_secs = flush_secs
         self._jsonl = None
         self._finished = False
         self._closed = False
@@ -320,12 +343,10 @@ class RunLogger:
         if not self.enabled:
             return
 
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cut = -1 if self.resume_step is None else self.resume_step
         kept, dropped_lines = _truncate_jsonl(self.run_dir / METRICS_FILE, cut)
-        dropped_events = _truncate_event_files(self.run_dir, cut)
+        dropped_events = sum(_truncate_event_files(folder, cut) for folder in _event_dirs(self.run_dir))
         if self.resume_step is None and (kept or dropped_lines or dropped_events):
             _log.warning("%s holds metrics of an earlier attempt; starting fresh, they were "
                          "removed (pass resume_step to keep them)", self.run_dir)
@@ -334,18 +355,10 @@ class RunLogger:
             for tag, value in record.items():
                 if tag != "step":
                     self._note(tag, step, _from_json_value(value))
-        _wait_for_later_timestamp(self.run_dir)
-
-        purge_step = None if self.resume_step is None else self.resume_step + 1
-        self._writer = SummaryWriter(
-            log_dir=str(self.run_dir), purge_step=purge_step, flush_secs=flush_secs, max_queue=100
-        )
         self._jsonl = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         # Session start now, so a running or crashed run shows its hyper-parameters.
-        self._writer.file_writer.add_summary(
-            self._session_start_summary(), max(self.resume_step or 0, 0)
-        )
-        self._writer.flush()
+        self._writer("").file_writer.add_summary(self._session_start_summary(), max(self.resume_step or 0, 0))
+        self._writer("").flush()
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -360,10 +373,28 @@ class RunLogger:
             raise RuntimeError(f"RunLogger({self.run_dir}) is closed")
         return True
 
+    def _writer(self, subrun: str):
+        """The SummaryWriter of a sub-run ("" the run directory), opened with the run's purge step."""
+        if subrun not in self._writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            folder = self.run_dir / subrun
+            folder.mkdir(parents=True, exist_ok=True)
+            _wait_for_later_timestamp(folder)
+            purge_step = None if self.resume_step is None else self.resume_step + 1
+            self._writers[subrun] = SummaryWriter(log_dir=str(folder), purge_step=purge_step,
+                                                  flush_secs=self._flush_secs, max_queue=100)
+        return self._writers[subrun]
+
     def _add_summary(self, values: list, step: int) -> None:
+        """Summary values (tags already routed) to their sub-runs' event files."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self._writer.file_writer.add_summary(Summary(value=values), step)
+        by_subrun: dict[str, list] = {}
+        for subrun, value in values:
+            by_subrun.setdefault(subrun, []).append(value)
+        for subrun, routed in by_subrun.items():
+            self._writer(subrun).file_writer.add_summary(Summary(value=routed), step)
 
     def _hparams_summary(self, tag: str, **plugin_data):
         from tensorboard.compat.proto.summary_pb2 import Summary
@@ -386,7 +417,7 @@ class RunLogger:
                 ssi.hparams[key].string_value = value
         return self._hparams_summary(metadata.SESSION_START_INFO_TAG, session_start_info=ssi)
 
-    def _experiment_summary(self, metric_tags):
+    def _experiment_summary(self, metric_names: list[tuple[str, str]]):
         from tensorboard.plugins.hparams import api_pb2, metadata
 
         types = {bool: "DATA_TYPE_BOOL", float: "DATA_TYPE_FLOAT64", str: "DATA_TYPE_STRING"}
@@ -397,7 +428,7 @@ class RunLogger:
                 for k, v in self.hparams.items()
             ],
             metric_infos=[
-                api_pb2.MetricInfo(name=api_pb2.MetricName(group="", tag=t)) for t in metric_tags
+                api_pb2.MetricInfo(name=api_pb2.MetricName(group=group, tag=tag)) for group, tag in metric_names
             ],
         )
         return self._hparams_summary(metadata.EXPERIMENT_TAG, experiment=experiment)
@@ -436,7 +467,8 @@ class RunLogger:
                 _log.warning("metric %r logged at step %d after step %d", tag, step, previous[0])
             self._note(tag, step, float(number))
             record[tag] = _json_number(number)
-            values.append(Summary.Value(tag=tag, simple_value=float(number)))
+            subrun, board_tag = self.route(tag)
+            values.append((subrun, Summary.Value(tag=board_tag, simple_value=float(number))))
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
         if values:
@@ -457,7 +489,8 @@ class RunLogger:
         if arr.size == 0:
             _log.warning("histogram %r at step %d is empty; skipped", tag, step)
             return
-        self._writer.add_histogram(str(tag), arr, global_step=step, bins="tensorflow")
+        subrun, board_tag = self.route(str(tag))
+        self._writer(subrun).add_histogram(board_tag, arr, global_step=step, bins="tensorflow")
 
     def log_text(self, step: int, tag: str, text: str, *, preformatted: bool = False) -> None:
         """A TensorBoard text summary under exactly ``tag`` (rendered as Markdown;
@@ -481,7 +514,8 @@ class RunLogger:
             tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[]),
         )
         smd = metadata.create_summary_metadata(display_name=None, description=None)
-        self._add_summary([Summary.Value(tag=str(tag), metadata=smd, tensor=tensor)], step)
+        subrun, board_tag = self.route(str(tag))
+        self._add_summary([(subrun, Summary.Value(tag=board_tag, metadata=smd, tensor=tensor))], step)
 
     def finish(
         self,
@@ -492,7 +526,8 @@ class RunLogger:
     ) -> None:
         """Writes the HParams summary and flushes.
 
-        ``final_metrics`` (tag -> value) become the HParams dashboard's metric columns.  The
+        ``final_metrics`` (tag -> value) become the HParams dashboard's metric columns (a routed
+        tag: its sub-run is the metric's group).  The
         dashboard shows a tag's *last* scalar, so a value is also written as a TensorBoard scalar
         at ``step`` (default: the largest step logged) unless the tag's last logged point already
         holds it; if the tag was logged at ``step`` with another value, the logged point stands
@@ -525,19 +560,25 @@ class RunLogger:
                                  "%d; TensorBoard keeps the logged one", tag, b, a, previous[0])
                     continue
             self._note(tag, step, float(number))
-            values.append(Summary.Value(tag=tag, simple_value=float(number)))
+            subrun, board_tag = self.route(tag)
+            values.append((subrun, Summary.Value(tag=board_tag, simple_value=float(number))))
         if values:
             self._add_summary(values, step)
-        self._writer.file_writer.add_summary(self._experiment_summary(list(final)), step)
-        self._writer.file_writer.add_summary(self._session_end_summary(status), step)
-        self._writer.flush()
+        root = self._writer("")
+        root.file_writer.add_summary(self._experiment_summary([self.route(tag) for tag in final]), step)
+        root.file_writer.add_summary(self._session_end_summary(status), step)
+        self._flush_writers()
         self._finished = True
+
+    def _flush_writers(self) -> None:
+        for writer in self._writers.values():
+            writer.flush()
 
     def flush(self) -> None:
         if not self.enabled or self._closed:
             return
         self._jsonl.flush()
-        self._writer.flush()
+        self._flush_writers()
 
     def close(self) -> None:
         """Flushes and closes the files (idempotent)."""
@@ -545,7 +586,8 @@ class RunLogger:
             return
         self._closed = True
         try:
-            self._writer.close()
+            for writer in self._writers.values():
+                writer.close()
         finally:
             self._jsonl.close()
 
@@ -557,8 +599,7 @@ class RunLogger:
             if exc_type is not None and self.enabled and not self._closed and not self._finished:
                 # Only the session end: an experiment summary without metrics could become the
                 # one the HParams dashboard picks for a whole sweep.
-                self._writer.file_writer.add_summary(
-                    self._session_end_summary("failure"), self._max_step or 0)
+                self._writer("").file_writer.add_summary(self._session_end_summary("failure"), self._max_step or 0)
         finally:
             self.close()
 

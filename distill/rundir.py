@@ -4,6 +4,9 @@ summary's schema and which control each student is compared with.
     RUN_DIR/config.yaml       the resolved config (`save_config`)
     RUN_DIR/metrics.jsonl     one JSON object per logged step (`distill.run_logger`)
     RUN_DIR/events.*          TensorBoard event files: the run directory is the TensorBoard run
+                              (its HParams session, the config text, perf/...)
+    RUN_DIR/tb/<model>/       a sub-run per model (teacher, each student): its metrics under
+                              model-free tags (`tensorboard_route`), one line per model per chart
     RUN_DIR/checkpoints/<s>/  orbax checkpoints, one folder per kept step (`distill.checkpoint`)
     RUN_DIR/summary.json      final metrics, wall time, status (`summary`)
     RUN_DIR/.lock             held by the process that trains the run (`distill.guards.RunLock`)
@@ -33,11 +36,26 @@ from distill.guards import RunLock
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+MODEL_BOARDS_DIR = "tb"
 ON_CHANGED_CONFIG = ("refuse", "resume", "new")
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def tensorboard_route(tag: str) -> tuple[str, str]:
+    """Where a metric goes in TensorBoard: a model's (`teacher/ce`, `student/<name>/kd`,
+    `eval/student/<name>/bpb`, ...) to its sub-run `tb/<model>` as `train/<metric>` or
+    `eval/<metric>`, so every model's `eval/bpb` is one chart with a line per model (and per run
+    of a sweep); anything else (`perf/...`, the config) to the run directory as it is. metrics.jsonl
+    keeps the full tags."""
+    phase, rest = ("eval", tag.split("/")[1:]) if tag.startswith("eval/") else ("train", tag.split("/"))
+    if rest[0] == "teacher" and len(rest) > 1:
+        return f"{MODEL_BOARDS_DIR}/teacher", "/".join([phase, *rest[1:]])
+    if rest[0] == "student" and len(rest) > 2:
+        return f"{MODEL_BOARDS_DIR}/{rest[1]}", "/".join([phase, *rest[2:]])
+    return "", tag
 
 
 def read_config_tree(run_dir: str | Path, where: str | None = None) -> dict:
@@ -99,6 +117,12 @@ def comparisons(content: dict) -> list[tuple[str, str, float]]:
             control = control_for(model, controls)
             pairs.append((model, control, (value - bpb[control]) / bpb[control] * 100))
     return pairs
+
+
+def control_gains(content: dict) -> dict[str, float]:
+    """`eval/student/<name>/vs_control_pct`: each student's final bpb against its own control's, in
+    percent (negative is better), from a summary: the HParams dashboard's comparison column."""
+    return {f"eval/student/{student}/vs_control_pct": pct for student, _, pct in comparisons(content)}
 
 
 def format_table(content: dict) -> str:

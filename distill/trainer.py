@@ -149,9 +149,9 @@ class Session:
         self.trained_before = (previous or {}).get("train_seconds", 0.0)
         self.full_step = jit_step(placed, exp.teacher_warmup, with_students=True)
         self.teacher_step = jit_step(placed, exp.teacher_warmup, with_students=False) if exp.teacher_warmup else None
-        self.logger = RunLogger(cfg.run.path, hparams=hparams(cfg), enabled=self.writer,
-                                resume_step=self.start if restored is not None else None)
-        self.progress = Progress(total=cfg.train.steps, start=self.start, enabled=self.writer)
+        self.logger = RunLogger(cfg.run.path, hparams=hparams(cfg), route=rundir.tensorboard_route,
+                                enabled=self.writer, resume_step=self.start if restored is not None else None)
+        self.progress = Progress(total=cfg.train.steps, start=self.start, phases=step_costs(exp), enabled=self.writer)
         if self.start == 0:
             self.logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
         self.stops = StopRequests(cfg.train.steps, self.start, run.stop_after)
@@ -206,7 +206,7 @@ class Session:
                                  train_seconds=self.trained_before + train_seconds, resumed_from=self.start)
         if self.writer:
             rundir.write_summary(self.run.cfg.run.path, summary)
-        self.logger.finish(dict(self.evaluation.latest))
+        self.logger.finish({**self.evaluation.latest, **rundir.control_gains(summary)})
         self.logger.close()
         return summary
 
@@ -228,6 +228,14 @@ def _train(run: Run) -> dict:
     if session.writer:
         print(rundir.format_table(summary))
     return summary
+
+
+def step_costs(exp: Experiment) -> list[tuple[int, float]]:
+    """(last step, training FLOPs of one step) of the teacher-only warm-up and the co-trained steps,
+    what the progress line's ETA weighs the phases by until it has timed them."""
+    teacher, students = exp.forward_flops_per_step()
+    teacher_step = teacher * (3 if exp.teacher.trains else 1)
+    return [(exp.teacher_warmup, teacher_step), (exp.config.train.steps, teacher_step + 3 * sum(students))]
 
 
 def hparams(cfg: Config) -> dict:

@@ -42,3 +42,20 @@ def test_compare_names_close_tags_for_an_unknown_metric(tmp_path):
 def test_compare_refuses_a_folder_without_runs(tmp_path):
     result = compare(str(tmp_path), "--metric", "x")
     assert result.returncode == 2 and "neither a run directory" in result.stderr
+
+
+def test_by_model_draws_a_line_per_model_of_one_run(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {name: fake}\n")
+    rows = [{"step": s, "eval/teacher/bpb": 2.0 / s, "eval/student/distilled/bpb": 3.0 / s,
+             "eval/student/control/bpb": 4.0 / s, "perf/step_seconds": 0.1} for s in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "models.png"
+    result = compare(str(run), "--by-model", "--metric", "eval/bpb", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2:5] == ["| teacher | 2 | 1.0000 |", "| distilled | 2 | 1.5000 |",
+                                               "| control | 2 | 2.0000 |"]
+    assert out.stat().st_size > 5000
+    refused = compare(str(run), "--by-model", "--metric", "eval/bpp")
+    assert refused.returncode == 2 and "close: eval/bpb" in refused.stderr

@@ -27,6 +27,7 @@ def test_every_config_file_loads(path):
     ("train.steps=many", "train.steps='many': expected an integer"),
     ("teacher.target=average", "teacher.target='average': allowed values are live, ema, stale"),
     ("loss.kd=kl", "kd='kl': allowed values are"),
+    ("students.0.name=teacher", "students.name='teacher': the teacher's name"),
     ("loss.kd_kwargs={lam: 0.3}", "kd='forward_kl': kd_kwargs: ['lam'] not parameters of 'forward_kl'"),
     ("optim.learning_rate=-1", "learning_rate=-1.0: must be > 0"),
     ("students.0.model.num_key_value_heads=3", "num_key_value_heads=3: must divide num_attention_heads"),

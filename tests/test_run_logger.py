@@ -342,3 +342,32 @@ def test_disabled_logger_writes_nothing(tmp_path):
     before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
     RunLogger(run_dir, hparams={}, enabled=False, resume_step=1).close()
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+# ---- routing to per-model sub-runs (the trainer's distill.rundir.tensorboard_route) ----------
+
+
+def test_routed_tags_go_to_their_sub_runs_and_resume_there_too(tmp_path):
+    from distill.rundir import tensorboard_route
+
+    with RunLogger(tmp_path, hparams={"lr": 1e-3}, route=tensorboard_route) as logger:
+        for step in (1, 2, 3):
+            logger.log(step, {**_train_metrics(step), "perf/step_seconds": 0.5})
+        logger.log_histogram(3, "student/distilled/expert_load/layer0", [0.2, 0.8])
+        logger.log(3, {"eval/student/distilled/bpb": 2.5, "eval/teacher/bpb": 2.0})
+        logger.finish({"eval/student/distilled/bpb": 2.5, "eval/student/distilled/vs_control_pct": -3.0})
+    assert set(read_scalars(tmp_path)) == {"perf/step_seconds"}
+    assert read_scalars(tmp_path / "tb" / "teacher") == {"train/ce": [(1, 3.0), (2, 1.5), (3, 1.0)],
+                                                         "eval/bpb": [(3, 2.0)]}
+    distilled = read_scalars(tmp_path / "tb" / "distilled")
+    assert distilled["eval/bpb"] == [(3, 2.5)] and distilled["eval/vs_control_pct"] == [(3, -3.0)]
+    assert "train/expert_load/layer0" in load_event_accumulator(tmp_path / "tb" / "distilled").Tags()["histograms"]
+    assert [row["step"] for row in read_metrics_jsonl(tmp_path) if "student/distilled/kd" in row] == [1, 2, 3]
+    experiment = _hparams_content(tmp_path)["_hparams_/experiment"].experiment
+    assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} == {
+        ("tb/distilled", "eval/bpb"), ("tb/distilled", "eval/vs_control_pct")}
+    # A resume from step 2 drops step 3 from every sub-run, as from the run directory.
+    with RunLogger(tmp_path, route=tensorboard_route, resume_step=2) as logger:
+        logger.log(3, _train_metrics(3, scale=2.0))
+    assert read_scalars(tmp_path / "tb" / "teacher")["train/ce"] == [(1, 3.0), (2, 1.5), (3, 2.0)]
+    assert "eval/bpb" not in read_scalars(tmp_path / "tb" / "teacher")

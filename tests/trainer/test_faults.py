@@ -38,7 +38,7 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 def tensorboard_steps(run_dir: Path) -> list[int]:
     """The steps of one logged scalar across all of the run's event files, in file order."""
-    return [step for step, _ in read_scalars(run_dir)["teacher/ce"]]
+    return [step for step, _ in read_scalars(run_dir / "tb" / "teacher")["train/ce"]]
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,12 @@ def test_cli_run_writes_the_run_directory_contract(tmp_path):
             assert f"student/{name}/{metric}" in tags
         assert f"eval/student/{name}/bpb" in tags
     assert "eval/teacher/bpb" in tags
-    scalars = read_scalars(run_dir)
-    assert [step for step, _ in scalars["student/distilled/kd"]] == [4, 6, 8, 10]  # after the teacher warm-up
-    assert [step for step, _ in scalars["eval/student/control/bpb"]] == [5, 10]
-    assert not [p for p in run_dir.iterdir() if p.is_dir() and p.name != "checkpoints"]  # no stray TB sub-runs
+    # TensorBoard: a sub-run per model under model-free tags (one chart per metric, a line per model)
+    assert sorted(p.name for p in (run_dir / "tb").iterdir()) == ["control", "distilled", "teacher"]
+    assert [step for step, _ in read_scalars(run_dir / "tb" / "distilled")["train/kd"]] == [4, 6, 8, 10]  # after warm-up
+    assert [step for step, _ in read_scalars(run_dir / "tb" / "control")["eval/bpb"]] == [5, 10]
+    assert set(read_scalars(run_dir)) == {"perf/tokens_per_second", "perf/step_seconds"}  # the run's own
+    assert not [p for p in run_dir.iterdir() if p.is_dir() and p.name not in ("checkpoints", "tb")]
 
 
 def test_resume_equals_an_uninterrupted_run(tmp_path):
@@ -195,10 +197,11 @@ def test_a_filtering_student_logs_what_it_dropped(tmp_path):
     assert all(line["student/distilled/filter_score_dropped"] <= line["student/distilled/filter_threshold"]
                <= line["student/distilled/filter_score_kept"] for line in rows)
     assert not any("student/control/filter" in key for line in rows for key in line)
-    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0, "histograms": 0})
+    events = EventAccumulator(str(tmp_path / "run" / "tb" / "distilled"),
+                              size_guidance={"tensors": 0, "histograms": 0})
     events.Reload()
-    assert "student/distilled/filter_row_scores" in events.Tags()["histograms"]
-    texts = events.Tensors("student/distilled/filter_examples")
+    assert "train/filter_row_scores" in events.Tags()["histograms"]
+    texts = events.Tensors("train/filter_examples")
     assert [t.step for t in texts] == [4, 6, 8, 10]
     shown = texts[-1].tensor_proto.string_val[0].decode()
     assert "**easiest row" in shown and "**hardest row (kept)**" in shown
@@ -221,9 +224,9 @@ def test_an_on_policy_student_logs_what_it_wrote(tmp_path):
     assert [line["step"] for line in rows] == [4, 6, 8, 10]
     assert all(line["student/distilled/on_policy_teacher_nll"] > 0 for line in rows)
     assert not any("student/control/on_policy" in key for line in rows for key in line)
-    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"tensors": 0})
+    events = EventAccumulator(str(tmp_path / "run" / "tb" / "distilled"), size_guidance={"tensors": 0})
     events.Reload()
-    texts = events.Tensors("student/distilled/on_policy_written")
+    texts = events.Tensors("train/on_policy_written")
     assert [t.step for t in texts] == [4, 6, 8, 10]
     shown = texts[-1].tensor_proto.string_val[0].decode()
     prompt, written = shown.split("```")[1::2]
