@@ -3,7 +3,8 @@
 The ETA knows the run's phases (the teacher-only warm-up, then the co-trained steps, which cost
 more): each phase's time per step is measured on its own, leaving out the windows that compiled
 its step and keeping the evaluations and checkpoints that fall between logs. A phase not reached
-yet is estimated from a measured one by their relative costs (the trainer gives FLOPs).
+yet is estimated from a measured one by their relative costs (the trainer gives FLOPs). Until a
+window without a compile has been timed, the ETA is `--`.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Progress:
         self.phases = [(end, max(cost, 1e-12)) for end, cost in (phases or [(total, 1.0)]) if end > 0]
         self.stream = stream or sys.stderr
         self.live = enabled and self.stream.isatty()
-        self.began = self.window_start = clock()
+        self.window_start = clock()
         self.window_first = start
         self.seconds = [0.0] * len(self.phases)  # measured time of each phase's steps, compile windows left out
         self.steps = [0] * len(self.phases)
@@ -57,17 +58,15 @@ class Progress:
             self.steps[phase] += step - first + 1
         self.window_start, self.window_first = now, step
 
-    def eta(self, step: int) -> float:
+    def eta(self, step: int) -> float | None:
         """Seconds to the last step: each phase's remaining steps at its measured time per step, or
-        at the measured time per unit of cost where the phase has not been measured (before any
-        measurement, the elapsed time per unit of cost, compilation included)."""
+        at the measured time per unit of cost where the phase has not been measured; None before
+        any window without a compile was measured (compilation says nothing of the steps' pace)."""
         costs = [cost for _, cost in self.phases]
         measured = [i for i, n in enumerate(self.steps) if n]
-        if measured:
-            per_cost = sum(self.seconds[i] for i in measured) / sum(self.steps[i] * costs[i] for i in measured)
-        else:
-            done = sum(costs[self._phase(s)] for s in range(self.start + 1, step + 1))
-            per_cost = (self.clock() - self.began) / done if done else 0.0
+        if not measured:
+            return None if step < self.total else 0.0
+        per_cost = sum(self.seconds[i] for i in measured) / sum(self.steps[i] * costs[i] for i in measured)
         eta, previous_end = 0.0, 0
         for i, (end, cost) in enumerate(self.phases):
             remaining = max(0, end - max(step, previous_end))
@@ -87,8 +86,9 @@ class Progress:
 
     def update(self, step: int, scalars: dict[str, float]) -> None:
         self._record(step)
+        eta = self.eta(step)
         parts = [f"step {step}/{self.total}", f"{scalars.get('perf/tokens_per_second', 0.0):,.0f} tok/s",
-                 f"ETA {_duration(self.eta(step))}"]
+                 f"ETA {'--' if eta is None else _duration(eta)}"]
         for key, value in scalars.items():
             if key == "teacher/ce" or (key.startswith("student/") and key.endswith(("/loss", "/alpha"))):
                 parts.append(f"{key.removeprefix('student/')} {value:.3f}")

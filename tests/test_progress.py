@@ -70,9 +70,12 @@ def test_a_resumed_run_measures_its_own_steps_only():
     assert etas[30] == pytest.approx(10 * 2.0)  # the first window (the resumed step's compile) left out
 
 
-def test_before_any_measurement_the_elapsed_time_is_spread_by_cost():
-    clock = Clock()
-    progress = Progress(20, phases=[(10, 1.0), (20, 3.0)], stream=io.StringIO(), clock=clock)
-    clock.now = 10.0
+def test_no_eta_before_a_window_without_compilation():
+    clock, stream = Clock(), io.StringIO()
+    progress = Progress(20, phases=[(10, 1.0), (20, 3.0)], stream=stream, clock=clock)
+    clock.now = 60.0  # the first window: mostly compilation
     progress.update(5, {})
-    assert progress.eta(5) == pytest.approx(2.0 * 5 + 2.0 * 3.0 * 10)  # 2 s per unit of cost so far
+    assert progress.eta(5) is None and "ETA --" in stream.getvalue()
+    clock.now = 65.0
+    progress.update(10, {})
+    assert progress.eta(10) == pytest.approx(10 * 3.0)  # 1 s per unit of cost, measured on steps 6-10
