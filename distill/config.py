@@ -40,6 +40,8 @@ def check_path_name(field_name: str, value, purpose: str) -> None:
 class RunSection:
     name: str = "run"  # a readable name; the default run directory is runs/<name>
     dir: str | None = None  # the run directory (config, metrics, TensorBoard events, checkpoints)
+    compilation_cache: str | None = None  # XLA's persistent compilation cache: a folder, or off; null:
+    # $DISTILL_COMPILATION_CACHE, else ~/.cache/distill/xla (distill.compile_cache)
 
     def __post_init__(self):
         check_path_name("run.name", self.name, "it names runs/<name>; to write elsewhere set run.dir")

@@ -150,10 +150,11 @@ def _without(section, key: str):
 
 
 def _placement_free(resolved: dict) -> dict:
-    """A resolved config minus where things live (mesh, sharding rules, run.dir): a run may resume
-    on another mesh, or after its directory was moved."""
+    """A resolved config minus where things live (mesh, sharding rules, run.dir, the compilation
+    cache): a run may resume on another mesh, after its directory was moved, or with another cache."""
     kept = _without(resolved, "mesh")
-    kept["run"], kept["teacher"] = _without(kept.get("run"), "dir"), _without(kept.get("teacher"), "sharding")
+    kept["run"] = _without(_without(kept.get("run"), "dir"), "compilation_cache")
+    kept["teacher"] = _without(kept.get("teacher"), "sharding")
     students = kept.get("students")
     kept["students"] = [_without(s, "sharding") for s in students] if isinstance(students, list) else students
     return kept

@@ -11,6 +11,7 @@ import yaml
 from flax import nnx
 
 from distill import checkpoint, rundir
+from distill.compile_cache import use_compilation_cache
 from distill.config import Config, MeshConfig
 from distill.data import build_data
 from distill.errors import ConfigError
@@ -74,6 +75,7 @@ def load_models(run_dir: str | Path, step: int | None = None) -> tuple[Config, i
 def evaluate_run(run_dir: str | Path, *, max_batches: int | None = None, step: int | None = None) -> dict:
     """Validation metrics (bpb, top-1 agreement, KL) of a run's checkpoint on its validation split."""
     cfg, step, teacher, students = load_models(run_dir, step)
+    use_compilation_cache(cfg.run.compilation_cache)
     exp = resolve(cfg)
     plan = step_plan(exp, Models(teacher, list(students.values())), single_device_mesh())
     teacher_params = {} if teacher is None else nnx.state(teacher, nnx.Param)

@@ -13,6 +13,7 @@ import yaml
 
 from distill import rundir
 from distill.checkpoint import Checkpoints, CheckpointWriteError, check_shapes, committed_steps
+from distill.compile_cache import use_compilation_cache
 from distill.config import Config
 from distill.data import Data, build_data
 from distill.experiment import Experiment, resolve
@@ -49,6 +50,7 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     """
     started = time.time()
     initialize_distributed(cfg.mesh.distributed)
+    use_compilation_cache(cfg.run.compilation_cache)
     exp = resolve(cfg)
     placed = placement(exp)
     check_batch_divides(cfg.data.batch_size, cfg.train.grad_accum, placed.mesh, exp.mesh_rules)

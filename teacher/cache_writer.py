@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 import losses
+from distill.compile_cache import use_compilation_cache
 from distill.config import Config
 from distill.data import build_data
 from distill.errors import ConfigError
@@ -85,6 +86,7 @@ def write_cache(cfg: Config, out: str | Path, k: int, *, progress: bool = True) 
         raise ConfigError(f"teacher.source={cfg.teacher.source!r}: a cache is written from a trained teacher; set "
                           "teacher.source to run or hf and teacher.path to its directory")
     exp = resolve(cfg)
+    use_compilation_cache(cfg.run.compilation_cache)
     vocab = exp.teacher.model.vocab_size
     if not 1 <= k <= vocab:
         raise ConfigError(f"--k {k}: must be in [1, {vocab}] (the teacher's vocabulary)")

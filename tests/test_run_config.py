@@ -85,3 +85,13 @@ def test_no_students_pretrains_the_teacher_and_needs_it_trainable():
 def test_resolved_config_round_trips():
     cfg = distill.load_config(TINY)
     assert build_config(cfg.to_dict()) == cfg
+
+
+def test_the_compilation_cache_folder_follows_the_config_then_the_environment(tmp_path):
+    from distill.compile_cache import cache_dir
+
+    assert cache_dir(str(tmp_path / "c"), {}) == tmp_path / "c"
+    assert cache_dir("off", {"DISTILL_COMPILATION_CACHE": str(tmp_path)}) is None
+    assert cache_dir(None, {"DISTILL_COMPILATION_CACHE": "OFF"}) is None
+    assert cache_dir(None, {"DISTILL_COMPILATION_CACHE": str(tmp_path / "e")}) == tmp_path / "e"
+    assert cache_dir(None, {"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "distill" / "xla"

@@ -236,3 +236,23 @@ def test_an_on_policy_student_logs_what_it_wrote(tmp_path):
     assert prompt.strip("\n") in {data.tokenizer.decode(row[:12]).replace("`", "'").strip("\n")
                                      for row in last["tokens"]}
     assert written.strip("\n")  # the student wrote something
+
+
+def test_a_second_run_compiles_nothing_the_first_compiled(tmp_path):
+    """The persistent compilation cache (`run.compilation_cache`): a new process running the same
+    config (another run directory) adds no executable to it; both end with the same numbers."""
+    cache = tmp_path / "xla"
+
+    def run(name: str) -> dict:
+        result = subprocess.run([sys.executable, "-m", "distill.cli", "run", str(TINY), f"run.dir={tmp_path / name}",
+                                 "train.steps=4", "teacher.warmup_steps=2", f"run.compilation_cache={cache}"],
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / name / "summary.json").read_text())
+
+    first = run("first")
+    compiled = sorted(p.name for p in cache.iterdir())
+    assert len(compiled) >= 3  # the teacher-only step, the co-distillation step, the evaluation, ...
+    second = run("second")
+    assert sorted(p.name for p in cache.iterdir()) == compiled
+    assert second["final"] == first["final"]
