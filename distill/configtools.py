@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -17,6 +18,30 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from distill.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans and floats: only true/false (any case) are booleans, so `on`,
+    `off`, `yes` and `no` stay the strings the user typed (an enum field takes them; a bool field
+    reads them), and `1e-3` is a number, as `1.0e-3` is."""
+
+
+_REPLACED = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in _REPLACED]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_EXPONENT = r"(?:[eE][-+]?[0-9]+)"
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    rf"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*{_EXPONENT}?|\.[0-9][0-9_]*{_EXPONENT}?|[0-9][0-9_]*{_EXPONENT})"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+_WORD_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def load_yaml(text: str) -> Any:
+    """`text` parsed as YAML with YAML 1.2's booleans (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _suggest(word: str, choices) -> str:
@@ -78,6 +103,8 @@ def convert(value: Any, tp, path: str) -> Any:
             raise ConfigError(f"{path}={value!r}: expected a mapping with keys of {tp.__name__}")
         return from_dict(tp, value, path)
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _WORD_BOOLEANS:
+            return _WORD_BOOLEANS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{path}={value!r}: expected true or false")
         return value
@@ -134,14 +161,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. train.steps=50")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip(), load_yaml(raw) if raw.strip() else ""
 
 
 def read_config_mapping(path: Path, where: str) -> dict:
     """A YAML file of config sections as a mapping; a ConfigError starting with `where` when it does
     not parse or is not a mapping."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = load_yaml(Path(path).read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{where}: not valid YAML ({error})") from None
     if not isinstance(raw, dict):
