@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
 
-from distill import compare, runs, sweep, tb
+from distill import compare, launch, runs, sweep, tb
 from distill.config import load_config
 from distill.errors import ConfigError
 from distill.guards import EXIT_CODES
@@ -36,6 +37,10 @@ def _run(args: argparse.Namespace) -> int:
     on_changed_config = "resume" if args.resume else "new" if args.force_new else "refuse"
     summary = run_experiment(load_config(args.config, args.overrides), stop_after=args.stop_after,
                   on_changed_config=on_changed_config)
+    if summary["status"] == "process_lost":  # JAX's exit would wait on the lost process, then abort
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CODES["process_lost"])
     return EXIT_CODES.get(summary["status"], 1)
 
 
@@ -109,6 +114,16 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise ConfigError("distill launch: give the command after --, e.g. distill launch --processes 2 -- distill run "
+                          "CONFIG mesh.data=2")
+    if args.processes < 1:
+        raise ConfigError(f"--processes {args.processes}: must be >= 1")
+    return launch.launch(command, args.processes, args.devices_per_process, Path(args.log_dir))
+
+
 def _tb(args: argparse.Namespace) -> int:
     return tb.serve(args.dir, args.port)
 
@@ -174,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--by-model", action="store_true", help="one run: a line per model (teacher, students)")
     compare.add_argument("--out", default="compare.png", help="the PNG to write")
     compare.set_defaults(handler=_compare)
+    launcher = commands.add_parser("launch", help="run a command as one multi-process JAX job on this machine "
+                                                  "(try a multi-host config before booking a cluster)")
+    launcher.add_argument("--processes", type=int, required=True, help="processes of the job")
+    launcher.add_argument("--devices-per-process", type=int, default=None, metavar="D",
+                          help="simulated CPU devices per process (XLA_FLAGS)")
+    launcher.add_argument("--log-dir", default="launch-logs", help="where processes 1..N-1 write process-<i>.log")
+    launcher.add_argument("command_line", nargs=argparse.REMAINDER, help="-- distill run CONFIG ...")
+    launcher.set_defaults(handler=_launch)
     tb = commands.add_parser("tb", help="TensorBoard on 127.0.0.1 for a run, sweep or runs directory")
     tb.add_argument("dir", help="a run directory, a sweep directory, or runs/")
     tb.add_argument("--port", type=int, default=None, help="default: a free port")

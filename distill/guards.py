@@ -11,8 +11,8 @@ from pathlib import Path
 
 from distill.errors import ConfigError
 
-EXIT_CODES = {"completed": 0, "stopped": 0, "failed": 1, "nonfinite": 3, "save_failed": 4, "interrupted": 130,
-              "preempted": 143}
+EXIT_CODES = {"completed": 0, "stopped": 0, "failed": 1, "nonfinite": 3, "save_failed": 4, "process_lost": 5,
+              "interrupted": 130, "preempted": 143}
 
 
 class RunLock:

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from distill.config import MeshConfig
 from distill.errors import ConfigError
+from distill.job import checkpoints_meet_outside_collectives
 from distill.model.layout import param_path
 from distill.model.sharding import AXES, Rules, logical_to_spec, mesh_axes_of
 
@@ -188,10 +189,37 @@ def wants_distributed(mode: str, environ: Mapping[str, str] = os.environ) -> boo
     return int(environ.get("SLURM_NTASKS", "1")) > 1 or int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
 
 
-def initialize_distributed(mode: str) -> None:
-    """Join the multi-host job (JAX's own runtime reads the coordinator from the environment)."""
-    if wants_distributed(mode) and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+def initialize_distributed(mode: str, environ: Mapping[str, str] = os.environ) -> None:
+    """Join the multi-host job with JAX's own runtime: the coordinator, process count and index from
+    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` when they are set (jax
+    0.10 does not read the last two itself), else JAX's cluster detection (SLURM, Open MPI, ...).
+    Processes on CPUs exchange over gloo; orbax's barriers go through JAX's coordination service."""
+    if not wants_distributed(mode, environ) or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU devices' collectives (others ignore it)
+    given = {"coordinator_address": environ.get("JAX_COORDINATOR_ADDRESS") or None,
+             "num_processes": int(environ["JAX_NUM_PROCESSES"]) if environ.get("JAX_NUM_PROCESSES") else None,
+             "process_id": int(environ["JAX_PROCESS_ID"]) if environ.get("JAX_PROCESS_ID") else None}
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    checkpoints_meet_outside_collectives()
+
+
+_LOST_PEER = ("connection reset by peer", "connection closed by peer", "heartbeat timeout", "broken pipe",
+              "tasks are unhealthy", "socket closed", "gloo", "coordination service")
+
+
+def lost_process(error: BaseException, process_count: int | None = None) -> str | None:
+    """When `error` (or what caused it) says another process of this multi-process job is gone (a
+    collective's peer closed its connection, the coordinator missed its heartbeats): the reason, in
+    one line; else None. A job of one process never loses a peer."""
+    if (process_count if process_count is not None else jax.process_count()) < 2:
+        return None
+    while error is not None:
+        text = str(error)
+        if any(marker in text.lower() for marker in _LOST_PEER):
+            return " ".join(text.split())[:300]
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def process_row_block(sharding: NamedSharding, global_shape: tuple[int, ...], axis: int,

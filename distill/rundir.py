@@ -23,15 +23,14 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 import yaml
-from jax.experimental import multihost_utils
 
 from distill.checkpoint import committed_steps
 from distill.config import Config, build_config, save_config
 from distill.configtools import read_config_mapping
 from distill.errors import ConfigError
 from distill.guards import RunLock
+from distill.job import from_process_0
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -221,9 +220,17 @@ def prepare(cfg: Config, on_changed_config: str) -> tuple[bool, RunLock | None]:
     if on_changed_config not in ON_CHANGED_CONFIG:
         raise ConfigError(f"on_changed_config={on_changed_config!r}: choose one of {', '.join(ON_CHANGED_CONFIG)}")
     run_dir = cfg.run.path
-    existing, lock = _prepare_as_writer(cfg, run_dir, on_changed_config) if jax.process_index() == 0 else (False, None)
-    if jax.process_count() > 1:
-        existing = bool(multihost_utils.broadcast_one_to_all(np.int32(existing)))
+    if jax.process_index() != 0:
+        answer = from_process_0("prepared", "")
+        if answer.startswith("refused:"):
+            raise ConfigError(answer.removeprefix("refused:"))
+        return answer == "resumes", None
+    try:
+        existing, lock = _prepare_as_writer(cfg, run_dir, on_changed_config)
+    except ConfigError as error:
+        from_process_0("prepared", f"refused:{error}")
+        raise
+    from_process_0("prepared", "resumes" if existing else "fresh")
     return existing, lock
 
 

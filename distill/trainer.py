@@ -30,7 +30,8 @@ from distill.hooks import (
     after_step,
     validation_sums,
 )
-from distill.parallel import check_batch_divides, global_batch, initialize_distributed, process_row_block
+from distill.job import compiled_together, wait_for_processes
+from distill.parallel import check_batch_divides, global_batch, initialize_distributed, lost_process, process_row_block
 from distill.progress import Progress
 from distill.run_logger import RunLogger
 from distill.setup import Placement, jit_eval, jit_step, placed_initial_state, placement
@@ -139,6 +140,7 @@ class Session:
         self.run, self.writer = run, jax.process_index() == 0
         cache = None if exp.teacher.source.runs else TeacherCache(cfg.teacher.path)
         self.batches = Batches(run, cache)
+        wait_for_processes("checkpoints")
         self.checkpoints = Checkpoints(cfg.run.path, keep=cfg.train.keep_checkpoints)
         restored = self.checkpoints.restore_latest(placed.abstract_state()) if run.existing else None
         if restored is not None:
@@ -149,15 +151,17 @@ class Session:
             self.state, self.start = placed_initial_state(exp, placed), 0
         previous = rundir.read_summary(cfg.run.path) if restored is not None else None
         self.trained_before = (previous or {}).get("train_seconds", 0.0)
-        self.full_step = jit_step(placed, exp.teacher_warmup, with_students=True)
-        self.teacher_step = jit_step(placed, exp.teacher_warmup, with_students=False) if exp.teacher_warmup else None
+        self.full_step = compiled_together(jit_step(placed, exp.teacher_warmup, with_students=True), "step")
+        self.teacher_step = (compiled_together(jit_step(placed, exp.teacher_warmup, with_students=False), "warm-up step")
+                             if exp.teacher_warmup else None)
         self.logger = RunLogger(cfg.run.path, hparams=hparams(cfg), route=rundir.tensorboard_route,
                                 enabled=self.writer, resume_step=self.start if restored is not None else None)
         self.progress = Progress(total=cfg.train.steps, start=self.start, phases=step_costs(exp), enabled=self.writer)
         if self.start == 0:
             self.logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
         self.stops = StopRequests(cfg.train.steps, self.start, run.stop_after)
-        self.evaluation = Evaluation(validation_sums(jit_eval(placed), validation_batches(run, cache)),
+        self.evaluation = Evaluation(validation_sums(compiled_together(jit_eval(placed), "evaluation"),
+                                                     validation_batches(run, cache)),
                                      cfg.train.eval_every, self.logger, self.progress)
         self.hooks = self._hooks()
 
@@ -200,9 +204,19 @@ class Session:
                 return stop
         return "completed"
 
+    def lost_message(self, reason: str) -> str:
+        """What a process says when another process of its job is gone."""
+        steps = committed_steps(self.checkpoints.directory)
+        kept = f"its newest complete checkpoint is step {steps[-1]}" if steps else "it has no complete checkpoint yet"
+        return (f"process {jax.process_index()} of {jax.process_count()}: another process of this job stopped "
+                f"({reason}); this one stops too. The run directory is as it was: {kept}; start the same "
+                f"{jax.process_count()} processes again to resume")
+
     def summary(self, status: str, train_seconds: float) -> dict:
-        """Close the checkpoints and logs; summary.json's content (written by process 0)."""
-        self.checkpoints.close()
+        """Close the checkpoints and logs; summary.json's content (written by process 0). With a
+        process lost, the checkpoints are left as they are (closing them waits on the others)."""
+        if status != "process_lost":
+            self.checkpoints.close()
         self.progress.close()
         summary = rundir.summary(self.run.cfg, status, self.evaluation.latest, wall_seconds=time.time() - self.run.started,
                                  train_seconds=self.trained_before + train_seconds, resumed_from=self.start)
@@ -218,16 +232,19 @@ def _train(run: Run) -> dict:
     status, started, ended = "failed", time.time(), None
     try:
         status, ended = session.loop()
-    except CheckpointWriteError as error:
-        status = "save_failed"
-        print(f"\ndistill run: {error}", file=sys.stderr)
     except KeyboardInterrupt:
         status = "interrupted"
         raise
+    except Exception as error:
+        lost = lost_process(error)
+        if lost is None and not isinstance(error, CheckpointWriteError):
+            raise
+        status = "save_failed" if lost is None else "process_lost"
+        print(f"\ndistill run: {error if lost is None else session.lost_message(lost)}", file=sys.stderr)
     finally:
         trained = (ended or time.time()) - started if session.start < run.cfg.train.steps else 0.0
         summary = session.summary(status, trained)
-    if session.writer:
+    if session.writer and status != "process_lost":
         print(rundir.format_table(summary))
     return summary
 
