@@ -1,8 +1,15 @@
 """Running a sweep: local `distill run` processes sharing the machine (CPU sets, thread counts,
-device memory), or a launcher (e.g. sbatch) per run; Ctrl-C and SIGTERM passed on to the runs."""
+device memory), or a launcher (e.g. sbatch) per run; Ctrl-C and SIGTERM passed on to the runs.
+
+The sweep owns its runs: on Linux each dies with it (PR_SET_PDEATHSIG: SIGTERM, so it checkpoints
+and stops), and a later sweep stops any run a killed sweep left behind (`stop_orphan`) before it
+resumes it."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import fcntl
 import os
 import shlex
 import signal
@@ -16,11 +23,15 @@ from typing import Any
 
 from distill import rundir
 from distill.config import Config, save_config
+from distill.guards import RunLock
 from distill.sweep.spec import SweepError
 from distill.sweep.state import Run, RunResult, Sweep, read_results, report, write_sweep_json
 
 LOG_NAME = "sweep.log"
 TAIL_LINES = 20
+SWEEP_PID_VAR = "DISTILL_SWEEP_PID"  # in every run's environment: the sweep that started it
+ORPHAN_GRACE_S = 120.0  # how long an orphan may take to checkpoint and stop before it is killed
+_PR_SET_PDEATHSIG = 1
 
 
 def _log_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
@@ -82,6 +93,91 @@ def launcher_command(template: str, command: list[str], run: Run) -> tuple[list[
     return line, True
 
 
+def _libc_prctl():
+    if not os.path.exists("/proc/self"):  # not Linux: no PR_SET_PDEATHSIG
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()  # loaded here: a child between fork and exec should only call it
+
+
+def dies_with_parent() -> Callable[[], None] | None:
+    """A `preexec_fn` that makes the child get SIGTERM when this process dies (kill -9 included), so
+    it checkpoints and stops; None where the kernel cannot (then `stop_orphan` is the only guard)."""
+    if _PRCTL is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid holding RUN_DIR/.lock (a `distill run` training there), or None when it is free."""
+    path = RunLock(run_dir).path
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = handle.read().strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        pass
+    return None
+
+
+def _proc_field(pid: int, name: str) -> str | None:
+    """/proc/PID's parent pid ("ppid") or its environment's `name`; None when unknown."""
+    try:
+        if name == "ppid":
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return None
+    prefix = f"{name}=".encode()
+    return next((e[len(prefix):].decode() for e in entries if e.startswith(prefix)), None)
+
+
+def orphan_of_a_sweep(pid: int) -> int | None:
+    """The pid of the sweep that started `pid`, when that sweep is gone (the process is an orphan);
+    None for a process a live sweep owns, or one no sweep started (left alone)."""
+    owner = _proc_field(pid, SWEEP_PID_VAR)
+    if owner is None or not owner.isdigit():
+        return None
+    return int(owner) if _proc_field(pid, "ppid") != owner else None
+
+
+def stop_orphan(run_dir: Path, echo: Callable[[str], None], grace: float = ORPHAN_GRACE_S) -> None:
+    """A run that a killed sweep left training in `run_dir` (it holds the run's lock): wait up to
+    `grace` seconds for it to checkpoint and stop (PR_SET_PDEATHSIG sent it SIGTERM), then kill it,
+    so this sweep can resume the run. Anything else holding the lock is left alone."""
+    pid = lock_holder(run_dir)
+    owner = orphan_of_a_sweep(pid) if pid and pid > 0 else None
+    if owner is None:
+        return
+    echo(f"orphan   {run_dir.name}: pid {pid}, left by sweep pid {owner}; waiting up to {grace:.0f}s for it to stop")
+    deadline = time.time() + grace
+    while lock_holder(run_dir) == pid and time.time() < deadline:
+        time.sleep(0.2)
+    if lock_holder(run_dir) == pid:
+        echo(f"orphan   {run_dir.name}: pid {pid} still running; killed (SIGKILL)")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while lock_holder(run_dir) == pid:
+            time.sleep(0.1)
+
+
 def _prepare_run_dir(run: Run, cfg: Config) -> None:
     """Create OUT/<name> with its config.yaml (as `distill run` writes it) so the log can live there:
     `distill run` takes a directory with a config.yaml for its own and refuses other non-empty ones."""
@@ -115,14 +211,17 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None
     if parallel < 1:
         raise SweepError(f"--parallel {parallel}: must be >= 1")
     results: dict[str, RunResult] = {}
+    recorded = read_results(sweep.out)
     pending = []
     for run in sweep.runs:
         if sweep.finished(run):
-            results[run.name] = RunResult(run.name, "completed", skipped=True)
+            before = recorded.get(run.name)
+            results[run.name] = RunResult(run.name, "completed", exit_code=0, skipped=True,
+                                          wall_seconds=before.wall_seconds if before else None)
             echo(f"skipped  {run.name}: already completed ({_bpb_text(run.run_dir)})")
         else:
             pending.append(run)
-    earlier = {name: r for name, r in read_results(sweep.out).items() if name not in results}  # until re-run
+    earlier = {name: r for name, r in recorded.items() if name not in results}  # until re-run
     write_sweep_json(sweep, {**earlier, **results})
     total, done = len(sweep.runs), len(results)
     echo(f"sweep {sweep.name}: {total} runs, {done} already completed, {len(pending)} to run"
@@ -130,6 +229,9 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None
 
     def finish(run: Run, result: RunResult) -> None:
         nonlocal done
+        before = earlier.get(run.name)
+        if before is not None and before.wall_seconds is not None and result.wall_seconds is not None:
+            result.wall_seconds += before.wall_seconds  # every attempt at the run
         results[run.name] = result
         done += 1
         write_sweep_json(sweep, {**earlier, **results})
@@ -154,6 +256,7 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None
 
 def _start(sweep: Sweep, run: Run, env: dict, cpus: list[int] | None) -> tuple[subprocess.Popen, Any]:
     _prepare_run_dir(run, sweep.configs[run.name])
+    env = {**env, SWEEP_PID_VAR: str(os.getpid())}
     command = sweep.command(run)
     log = open(run.run_dir / LOG_NAME, "a")  # noqa: SIM115 (open while the run writes to it)
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
@@ -163,7 +266,8 @@ def _start(sweep: Sweep, run: Run, env: dict, cpus: list[int] | None) -> tuple[s
         if previous is not None:  # the child inherits this thread's CPU set
             os.sched_setaffinity(0, cpus)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True,
+                                   preexec_fn=dies_with_parent())  # noqa: PLW1509 (prctl only: takes no lock)
     finally:
         if previous is not None:
             os.sched_setaffinity(0, previous)
@@ -191,6 +295,7 @@ def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) ->
         while queue or active:
             while queue and free_slots:
                 run, slot = queue.pop(0), free_slots.pop(0)
+                stop_orphan(run.run_dir, echo)
                 env, cpus = process_env(parallel, slot, cores, accelerator)
                 process, log = _start(sweep, run, env, cpus)
                 active.append(_Active(run, process, log, slot, time.time()))
@@ -265,5 +370,6 @@ def _launch_all(sweep: Sweep, pending: list[Run], launcher: str, finish, echo) -
                 code = 127
         status = "completed" if code == 0 and sweep.finished(run) else "submitted" if code == 0 else "failed"
         tail = [] if status == "completed" else _log_tail(run.run_dir / LOG_NAME)
-        finish(run, RunResult(run.name, status, exit_code=code, wall_seconds=time.time() - started, log_tail=tail))
+        wall = None if status == "submitted" else time.time() - started  # the run's time is not the launcher's
+        finish(run, RunResult(run.name, status, exit_code=code, wall_seconds=wall, log_tail=tail))
 

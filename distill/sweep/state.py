@@ -15,8 +15,9 @@ import yaml
 
 from distill import rundir
 from distill.config import Config, build_config
-from distill.experiment import resolve
 from distill.errors import ConfigError
+from distill.experiment import resolve
+from distill.guards import EXIT_CODES
 from distill.sweep.spec import SweepError, SweepSpec, expand, format_value, parse_spec, run_names
 from distill.sweep.tables import Report, Row, build_report, diff_column, resolve_metric, summary_metrics
 
@@ -114,7 +115,7 @@ class RunResult:
     name: str
     status: str  # completed | failed | submitted, or a run's own summary status: interrupted, preempted, ...
     exit_code: int | None = None
-    wall_seconds: float | None = None
+    wall_seconds: float | None = None  # the run's processes, summed over every attempt of the sweep
     skipped: bool = False  # finished before this invocation
     log_tail: list[str] = field(default_factory=list)  # the last lines of OUT/<name>/sweep.log when not completed
 
@@ -161,9 +162,10 @@ def collect_rows(sweep: Sweep) -> tuple[list[Row], list[dict]]:
             status = result.status
         else:
             status = summary.get("status", "pending") if summary else "pending"
-        row = Row(name=run.name, values=run.values, status=status,
-                  exit_code=result.exit_code if result else None,
-                  wall_seconds=(summary or {}).get("wall_seconds") if status == "completed" else None)
+        row = Row(name=run.name, values=run.values, status=status, exit_code=_exit_code(status, result),
+                  wall_seconds=result.wall_seconds if result and result.wall_seconds is not None else (
+                      (summary or {}).get("wall_seconds") if status == "completed" else None),
+                  train_seconds=(summary or {}).get("train_seconds") if status != "stale" else None)
         if status == "completed" and summary:
             row.metrics = summary_metrics(summary)
             summaries.append(summary)
@@ -173,6 +175,16 @@ def collect_rows(sweep: Sweep) -> tuple[list[Row], list[dict]]:
             row.note = next((line.strip() for line in reversed(result.log_tail) if line.strip()), "")
         rows.append(row)
     return rows, summaries
+
+
+def _exit_code(status: str, result: RunResult | None) -> int | None:
+    """The run's last exit code: as recorded by the sweep, else the one its summary's status means
+    (a completed run exits 0, an interrupted one 130, ...: distill.guards.EXIT_CODES)."""
+    if status == "completed":
+        return 0
+    if result is not None and result.exit_code is not None:
+        return result.exit_code
+    return EXIT_CODES.get(status)
 
 
 def report(sweep: Sweep, metric: str | None = None, maximize: bool = False, write: bool = True) -> Report:
