@@ -7,9 +7,6 @@ resumes it."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import fcntl
 import os
 import shlex
 import signal
@@ -22,23 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from distill import rundir
-from distill.config import Config, save_config
-from distill.guards import RunLock
+from distill.sweep import jobs
+from distill.sweep.jobs import JobOptions
+from distill.sweep.ownership import SWEEP_PID_VAR, dies_with_parent, stop_orphan
 from distill.sweep.spec import SweepError
-from distill.sweep.state import Run, RunResult, Sweep, read_results, report, write_sweep_json
+from distill.sweep.state import (
+    LOG_NAME,
+    Run,
+    RunResult,
+    Sweep,
+    log_tail,
+    prepare_run_dir,
+    read_job,
+    read_results,
+    report,
+    result_of_exit,
+    write_sweep_json,
+)
 
-LOG_NAME = "sweep.log"
-TAIL_LINES = 20
-SWEEP_PID_VAR = "DISTILL_SWEEP_PID"  # in every run's environment: the sweep that started it
-ORPHAN_GRACE_S = 120.0  # how long an orphan may take to checkpoint and stop before it is killed
-_PR_SET_PDEATHSIG = 1
+WAITING = ("queued", "running", "submitted")  # not finished, not failed: the scheduler has the run
 
-
-def _log_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return []
 
 
 def available_cores() -> list[int]:
@@ -93,100 +93,6 @@ def launcher_command(template: str, command: list[str], run: Run) -> tuple[list[
     return line, True
 
 
-def _libc_prctl():
-    if not os.path.exists("/proc/self"):  # not Linux: no PR_SET_PDEATHSIG
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _libc_prctl()  # loaded here: a child between fork and exec should only call it
-
-
-def dies_with_parent() -> Callable[[], None] | None:
-    """A `preexec_fn` that makes the child get SIGTERM when this process dies (kill -9 included), so
-    it checkpoints and stops; None where the kernel cannot (then `stop_orphan` is the only guard)."""
-    if _PRCTL is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec
-
-
-def lock_holder(run_dir: Path) -> int | None:
-    """The pid holding RUN_DIR/.lock (a `distill run` training there), or None when it is free."""
-    path = RunLock(run_dir).path
-    try:
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = handle.read().strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    except OSError:
-        pass
-    return None
-
-
-def _proc_field(pid: int, name: str) -> str | None:
-    """/proc/PID's parent pid ("ppid") or its environment's `name`; None when unknown."""
-    try:
-        if name == "ppid":
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except (OSError, IndexError):
-        return None
-    prefix = f"{name}=".encode()
-    return next((e[len(prefix):].decode() for e in entries if e.startswith(prefix)), None)
-
-
-def orphan_of_a_sweep(pid: int) -> int | None:
-    """The pid of the sweep that started `pid`, when that sweep is gone (the process is an orphan);
-    None for a process a live sweep owns, or one no sweep started (left alone)."""
-    owner = _proc_field(pid, SWEEP_PID_VAR)
-    if owner is None or not owner.isdigit():
-        return None
-    return int(owner) if _proc_field(pid, "ppid") != owner else None
-
-
-def stop_orphan(run_dir: Path, echo: Callable[[str], None], grace: float = ORPHAN_GRACE_S) -> None:
-    """A run that a killed sweep left training in `run_dir` (it holds the run's lock): wait up to
-    `grace` seconds for it to checkpoint and stop (PR_SET_PDEATHSIG sent it SIGTERM), then kill it,
-    so this sweep can resume the run. Anything else holding the lock is left alone."""
-    pid = lock_holder(run_dir)
-    owner = orphan_of_a_sweep(pid) if pid and pid > 0 else None
-    if owner is None:
-        return
-    echo(f"orphan   {run_dir.name}: pid {pid}, left by sweep pid {owner}; waiting up to {grace:.0f}s for it to stop")
-    deadline = time.time() + grace
-    while lock_holder(run_dir) == pid and time.time() < deadline:
-        time.sleep(0.2)
-    if lock_holder(run_dir) == pid:
-        echo(f"orphan   {run_dir.name}: pid {pid} still running; killed (SIGKILL)")
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        while lock_holder(run_dir) == pid:
-            time.sleep(0.1)
-
-
-def _prepare_run_dir(run: Run, cfg: Config) -> None:
-    """Create OUT/<name> with its config.yaml (as `distill run` writes it) so the log can live there:
-    `distill run` takes a directory with a config.yaml for its own and refuses other non-empty ones."""
-    if (run.run_dir / rundir.CONFIG_FILE).is_file() or (run.run_dir.exists() and any(run.run_dir.iterdir())):
-        return
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.run_dir / rundir.CONFIG_FILE)
-
-
 def _bpb_text(run_dir: Path) -> str:
     summary = rundir.read_summary(run_dir) or {}
     bpb = {m: v for m, v in (summary.get("bpb") or {}).items() if v is not None}
@@ -203,13 +109,17 @@ class _Active:
 
 
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None = None,
+              jobs_options: JobOptions | None = None, wait: bool = False,
               metric: str | None = None, maximize: bool = False,
               echo: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict[str, RunResult]:
-    """Run every unfinished run (`parallel` processes at a time, or through `launcher`), skip finished
-    ones, record each result in OUT/sweep.json, then write the report. Returns name -> result."""
+    """Run every unfinished run (`parallel` processes at a time, through `launcher`, or as submitit
+    jobs with `jobs_options`, waiting for them with `wait`), skip finished ones, record each result
+    in OUT/sweep.json, then write the report. Returns name -> result."""
     parallel = default_parallel() if parallel is None else parallel
     if parallel < 1:
         raise SweepError(f"--parallel {parallel}: must be >= 1")
+    if jobs_options is not None:
+        jobs.check_options(jobs_options)
     results: dict[str, RunResult] = {}
     recorded = read_results(sweep.out)
     pending = []
@@ -224,26 +134,33 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None
     earlier = {name: r for name, r in recorded.items() if name not in results}  # until re-run
     write_sweep_json(sweep, {**earlier, **results})
     total, done = len(sweep.runs), len(results)
-    echo(f"sweep {sweep.name}: {total} runs, {done} already completed, {len(pending)} to run"
-         + (f", {parallel} at a time" if not launcher else f" through {launcher!r}") + f"; out {sweep.out}")
+    how = (f"as {jobs_options.cluster} jobs" if jobs_options else f"through {launcher!r}" if launcher
+           else f"{parallel} at a time")
+    echo(f"sweep {sweep.name}: {total} runs, {done} already completed, {len(pending)} to run, {how}; out {sweep.out}")
+
+    def record(run: Run, result: RunResult) -> None:
+        results[run.name] = result
+        write_sweep_json(sweep, {**earlier, **results})
 
     def finish(run: Run, result: RunResult) -> None:
         nonlocal done
         before = earlier.get(run.name)
         if before is not None and before.wall_seconds is not None and result.wall_seconds is not None:
             result.wall_seconds += before.wall_seconds  # every attempt at the run
-        results[run.name] = result
+        record(run, result)
         done += 1
-        write_sweep_json(sweep, {**earlier, **results})
         wall = f" in {result.wall_seconds:.1f}s" if result.wall_seconds is not None else ""
-        detail = _bpb_text(run.run_dir) if result.status == "completed" else (
-            f"exit {result.exit_code}; log {run.run_dir / LOG_NAME}")
-        failed = sum(r.status not in ("completed", "submitted") for r in results.values())
+        detail = (_bpb_text(run.run_dir) if result.status == "completed" else
+                  f"job {result.job_id}" if result.status in WAITING and result.job_id else
+                  "" if result.status in WAITING else f"exit {result.exit_code}; log {run.run_dir / LOG_NAME}")
+        failed = sum(r.status not in ("completed", *WAITING) for r in results.values())
         echo(f"[{done}/{total}] {result.status:<9} {run.name}{wall}: {detail}"
              + (f" ({failed} not completed so far)" if failed else ""))
 
     try:
-        if launcher:
+        if jobs_options:
+            _submit_all(sweep, pending, jobs_options, wait, record, finish, echo)
+        elif launcher:
             _launch_all(sweep, pending, launcher, finish, echo)
         else:
             _run_local(sweep, pending, parallel, finish, lambda line: echo(f"[{done}/{total}] {line}"))
@@ -255,8 +172,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None
 
 
 def _start(sweep: Sweep, run: Run, env: dict, cpus: list[int] | None) -> tuple[subprocess.Popen, Any]:
-    _prepare_run_dir(run, sweep.configs[run.name])
-    env = {**env, SWEEP_PID_VAR: str(os.getpid())}
+    prepare_run_dir(run, sweep.configs[run.name])
+    env = {**env, SWEEP_PID_VAR: str(os.getpid())}  # the run's owner: see distill.sweep.ownership
     command = sweep.command(run)
     log = open(run.run_dir / LOG_NAME, "a")  # noqa: SIM115 (open while the run writes to it)
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
@@ -305,7 +222,7 @@ def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) ->
                 active.remove(item)
                 free_slots.append(item.slot)
                 item.log.close()
-                finish(item.run, _local_result(item))
+                finish(item.run, result_of_exit(item.run, item.process.returncode, item.started))
     except (KeyboardInterrupt, _Stop) as stop:
         signum = signal.SIGTERM if isinstance(stop, _Stop) else signal.SIGINT
         echo(f"stopping {len(active)} running run(s) at their next step (Ctrl-C again: at once); "
@@ -313,7 +230,7 @@ def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) ->
         _stop_all(active, signum)
         for item in active:
             item.log.close()
-            finish(item.run, _local_result(item))
+            finish(item.run, result_of_exit(item.run, item.process.returncode, item.started))
         raise KeyboardInterrupt from None
     finally:
         if main:
@@ -335,27 +252,11 @@ def _stop_all(active: list[_Active], signum: int) -> None:
             item.process.wait()
 
 
-def _local_result(item: _Active) -> RunResult:
-    """completed (exit 0, finished), the status of the summary the run wrote (interrupted, preempted,
-    nonfinite, ...), or failed."""
-    code, run_dir = item.process.returncode, item.run.run_dir
-    summary_file = run_dir / rundir.SUMMARY_FILE
-    fresh = summary_file.is_file() and summary_file.stat().st_mtime >= item.started - 1
-    if code == 0 and rundir.completed(run_dir) is not None:
-        status = "completed"
-    elif fresh and (rundir.read_summary(run_dir) or {}).get("status") not in (None, "completed"):
-        status = rundir.read_summary(run_dir)["status"]
-    else:
-        status = "failed"
-    tail = [] if status == "completed" else _log_tail(run_dir / LOG_NAME)
-    return RunResult(item.run.name, status, exit_code=code, wall_seconds=time.time() - item.started, log_tail=tail)
-
-
 def _launch_all(sweep: Sweep, pending: list[Run], launcher: str, finish, echo) -> None:
     """Hand each run to `launcher` (e.g. sbatch): the run counts as submitted when it exits 0 (completed
     when the launcher waited for the run and its summary says so)."""
     for run in pending:
-        _prepare_run_dir(run, sweep.configs[run.name])
+        prepare_run_dir(run, sweep.configs[run.name])
         target, shell = launcher_command(launcher, sweep.command(run), run)
         echo(f"launch   {run.name}: {target if shell else shlex.join(target)}")
         started = time.time()
@@ -369,7 +270,40 @@ def _launch_all(sweep: Sweep, pending: list[Run], launcher: str, finish, echo) -
                 log.write(f"launcher could not start: {error}\n")
                 code = 127
         status = "completed" if code == 0 and sweep.finished(run) else "submitted" if code == 0 else "failed"
-        tail = [] if status == "completed" else _log_tail(run.run_dir / LOG_NAME)
+        tail = [] if status == "completed" else log_tail(run.run_dir)
         wall = None if status == "submitted" else time.time() - started  # the run's time is not the launcher's
         finish(run, RunResult(run.name, status, exit_code=code, wall_seconds=wall, log_tail=tail))
 
+
+
+def _submit_all(sweep: Sweep, pending: list[Run], options: JobOptions, wait: bool, record, finish, echo) -> None:
+    """Submit each run as a submitit job (a run whose job is still queued or running is not submitted
+    twice); with `wait`, wait for every job and record how its run ended."""
+    waiting = []
+    for run in pending:
+        state = jobs.state_of(run)
+        if state is not None:
+            result = RunResult(run.name, state, job_id=_job_id(run))
+            echo(f"{state:<9} {run.name}: job {result.job_id} (not submitted again)")
+        else:
+            result = jobs.submit(sweep, run, options)
+            echo(f"submitted {run.name}: job {result.job_id}, log {run.run_dir / LOG_NAME}")
+        if wait:
+            record(run, result)
+            waiting.append(run)
+        else:
+            finish(run, result)
+    while waiting:
+        time.sleep(1.0)
+        for run in list(waiting):
+            result = jobs.result_of_job(run)
+            if result is None and jobs.state_of(run) is None:  # gone without recording its end
+                gone = f"job ended without a result (cancelled, time limit, node failure?): see {run.run_dir / jobs.JOBS_DIR}"
+                result = RunResult(run.name, "failed", job_id=_job_id(run), log_tail=[*log_tail(run.run_dir), gone])
+            if result is not None:
+                waiting.remove(run)
+                finish(run, result)
+
+
+def _job_id(run: Run) -> str | None:
+    return (read_job(run.run_dir) or {}).get("job_id")
