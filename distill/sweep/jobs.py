@@ -197,9 +197,16 @@ def job_alive(record: dict) -> bool:
 
 
 def _pid_alive(pid: str) -> bool:
+    """A running process (a zombie no one has reaped yet has ended)."""
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ValueError, IndexError):
+        return False
+    except OSError:  # no such process, or no /proc (not Linux)
+        pass
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+    except ProcessLookupError:
         return False
     except PermissionError:
         return True

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from distill import cli
-from distill.sweep import JobOptions, jax_process_env, parse_time, sbatch_script
+from distill.sweep import JobOptions, jax_process_env, load_sweep, parse_time, report, sbatch_script
 from distill.sweep.jobs import executor, run_task
+from distill.sweep.state import prepare_run_dir, write_job
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -109,6 +110,7 @@ def sweep_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, check=False)
 
 
+@pytest.mark.slow  # two real runs as concurrent jobs: 6 min on the shared 2-core box
 def test_jobs_report_while_queued_or_running_are_not_submitted_twice_then_complete(tmp_path):
     out = tmp_path / "out"
     grid = "tests/sweep/tiny_grid.yaml"
@@ -149,3 +151,22 @@ def test_a_failing_job_is_recorded_and_the_other_completes(tmp_path):
     assert rows["source-nonexistent-corpus.txt"]["exit_code"] == "2"
     assert rows["source-stdlib"]["status"] == "completed" and rows["source-stdlib"]["exit_code"] == "0"
     assert "no such file or directory" in (tmp_path / "summary.md").read_text()
+
+
+def test_report_reads_the_job_records_without_the_scheduler(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(HERE / "tiny_grid.yaml", out=tmp_path / "out")
+    first, second = sweep.runs
+    for run, state, job in ((first, "queued", "11"), (second, "running", "12")):
+        prepare_run_dir(run, sweep.configs[run.name])
+        write_job(run.run_dir, state=state, job_id=job, cluster="slurm", submitted=1.0)
+    table = report(sweep)
+    assert {r.name: (r.status, r.note, r.exit_code) for r in table.rows} == {
+        first.name: ("queued", "job 11", None), second.name: ("running", "job 12", None)}
+    assert "- max_bytes-200000_seed-0: queued: job 11" in table.markdown()
+    (second.run_dir / "sweep.log").write_text("distill run: data.source: no such file\n")
+    write_job(second.run_dir, state="finished", exit_code=2, started=2.0, ended=5.0)
+    rows = {r["name"]: r for r in csv.DictReader((sweep.out / "summary.csv").open())} if report(sweep) else {}
+    assert (rows[second.name]["status"], rows[second.name]["exit_code"]) == ("failed", "2")
+    assert rows[second.name]["wall_seconds"] == "3.0" and rows[first.name]["status"] == "queued"
+    assert "failed: distill run: data.source: no such file" in (sweep.out / "summary.md").read_text()
