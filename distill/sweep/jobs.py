@@ -23,13 +23,24 @@ from pathlib import Path
 
 from distill.sweep.ownership import dies_with_parent
 from distill.sweep.spec import SweepError
-from distill.sweep.state import LOG_NAME, Run, RunResult, Sweep, prepare_run_dir, read_job, result_of_exit, write_job
+from distill.sweep.state import (
+    JOB_FILE,
+    LOG_NAME,
+    Run,
+    RunResult,
+    Sweep,
+    prepare_run_dir,
+    read_job,
+    result_of_exit,
+    write_job,
+)
 
 try:  # optional: pip install 'distill[slurm]'
     import submitit
+    from submitit.core import utils as submitit_utils
     from submitit.slurm import slurm as submitit_slurm
 except ImportError:  # pragma: no cover (installed with the dev extra)
-    submitit = submitit_slurm = None
+    submitit = submitit_slurm = submitit_utils = None
 
 LAUNCHERS = {"submitit": "slurm", "submitit-local": "local"}
 JOBS_DIR = "submitit"  # OUT/<name>/submitit/: submitit's pickles, sbatch script and per-task logs
@@ -185,7 +196,9 @@ def run_task(command: list[str], run_dir: str, cwd: str) -> int:
 def job_alive(record: dict) -> bool:
     """The scheduler still has the job (queued or running): squeue on SLURM, the job's controller
     process for the local executor."""
-    job_id = str(record.get("job_id", ""))
+    job_id = str(record.get("job_id") or "")
+    if not job_id:
+        return False  # never submitted
     if record.get("cluster") == "local":
         return _pid_alive(job_id)
     try:
@@ -224,10 +237,16 @@ def state_of(run: Run) -> str | None:
 def submit(sweep: Sweep, run: Run, options: JobOptions) -> RunResult:
     """Submit `run` as a job; its result says `queued` with the job id."""
     prepare_run_dir(run, sweep.configs[run.name])
+    # recorded before the job exists: a job that starts at once then says "running" (job_id follows)
+    (run.run_dir / JOB_FILE).unlink(missing_ok=True)
+    write_job(run.run_dir, state="queued", cluster=options.cluster, submitted=time.time())
     ex = executor(options, run.run_dir / JOBS_DIR / "%j", run.name)
-    job = ex.submit(run_task, sweep.command(run), str(run.run_dir), os.getcwd())
-    write_job(run.run_dir, state="queued", job_id=str(job.job_id), cluster=options.cluster, submitted=time.time(),
-              exit_code=None, started=None, ended=None)
+    try:
+        job = ex.submit(run_task, sweep.command(run), str(run.run_dir), os.getcwd())
+    except (OSError, submitit_utils.FailedJobError, submitit_utils.FailedSubmissionError) as error:  # sbatch said no
+        (run.run_dir / JOB_FILE).unlink(missing_ok=True)
+        raise SweepError(f"run {run.name}: the job was not submitted: {error}") from None
+    write_job(run.run_dir, job_id=str(job.job_id))
     return RunResult(run.name, "queued", job_id=str(job.job_id))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,56 @@ def test_report_reads_the_job_records_without_the_scheduler(tmp_path, monkeypatc
     assert (rows[second.name]["status"], rows[second.name]["exit_code"]) == ("failed", "2")
     assert rows[second.name]["wall_seconds"] == "3.0" and rows[first.name]["status"] == "queued"
     assert "failed: distill run: data.source: no such file" in (sweep.out / "summary.md").read_text()
+
+
+FAKE_SBATCH = """#!/bin/bash
+# records its arguments; answers as sbatch does, or refuses like a bad partition when REFUSE exists
+calls="$(dirname "$0")/calls"
+echo "sbatch $*" >> "$calls"
+if [ -e "$(dirname "$0")/REFUSE" ]; then echo "sbatch: error: invalid partition specified: nope" >&2; exit 1; fi
+echo "Submitted batch job $((4241 + $(wc -l < "$calls")))"
+"""
+FAKE_SQUEUE = """#!/bin/bash
+# squeue -h -j ID -o %T: PENDING for the jobs listed in ./queue
+grep -qx "$3" "$(dirname "$0")/queue" 2>/dev/null && echo PENDING
+exit 0
+"""
+
+
+def test_slurm_submission_with_a_stand_in_sbatch_and_squeue(tmp_path, monkeypatch, capsys):
+    """The SLURM path without SLURM: sbatch and squeue stand-ins on PATH. A run is submitted once,
+    not again while squeue lists its job, and anew once squeue no longer does; a refused submission
+    is one error (exit 2)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE), ("srun", "#!/bin/bash\nexit 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    args = ["sweep", str(HERE / "tiny_grid.yaml"), "--dir", str(out), "--launcher", "submitit", "--slurm-time", "10",
+            "--slurm-partition", "debug"]
+    monkeypatch.chdir(ROOT)
+    assert cli.main(args) == 0
+    first = capsys.readouterr().out
+    assert "submitted max_bytes-200000_seed-0: job 4242" in first and "submitted max_bytes-120000_seed-0: job 4243" in first
+    record = json.loads((out / "max_bytes-200000_seed-0" / "job.json").read_text())
+    assert (record["state"], record["job_id"], record["cluster"]) == ("queued", "4242", "slurm")
+    script = (out / "max_bytes-200000_seed-0" / "submitit" / "4242" / "4242_submission.sh").read_text()
+    assert "#SBATCH --partition=debug" in script and "#SBATCH --time=10" in script
+    assert "#SBATCH --job-name=max_bytes-200000_seed-0" in script
+
+    (bin_dir / "queue").write_text("4242\n")  # 4242 still pending, 4243 gone (e.g. cancelled)
+    assert cli.main(args) == 0
+    again = capsys.readouterr().out
+    assert "queued    max_bytes-200000_seed-0: job 4242 (not submitted again)" in again
+    assert "submitted max_bytes-120000_seed-0: job 4244" in again
+    assert (bin_dir / "calls").read_text().count("sbatch ") == 3
+
+    assert cli.main(["sweep", str(HERE / "tiny_grid.yaml"), "--dir", str(out), "--report"]) == 0
+    assert capsys.readouterr().out.count("| queued |") == 2
+
+    (bin_dir / "queue").write_text("")
+    (bin_dir / "REFUSE").write_text("")
+    assert cli.main(args) == 2
+    assert "the job was not submitted" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.sweep.processes import SWEEP_PID_VAR, lock_holder, orphan_of_a_sweep, stop_orphan
+from distill.sweep.ownership import SWEEP_PID_VAR, lock_holder, orphan_of_a_sweep, stop_orphan
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -84,7 +84,7 @@ def test_stop_orphan_kills_only_a_run_whose_sweep_is_gone(tmp_path):
 
 CHILD = """
 import subprocess, sys
-from distill.sweep.processes import dies_with_parent
+from distill.sweep.ownership import dies_with_parent
 child = subprocess.Popen(["sleep", "600"], preexec_fn=dies_with_parent(), start_new_session=True)
 print(child.pid, flush=True)
 child.wait()
