@@ -80,11 +80,34 @@ def _import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_options(args: argparse.Namespace) -> sweep.JobOptions | None:
+    """--launcher submitit / submitit-local and the job's resources; None for other launchers."""
+    given = [f"--{k.replace('_', '-')}" for k in ("gpus_per_run", "nodes_per_run", "tasks_per_node", "wait")
+             if getattr(args, k) not in (None, False)] + [f"--slurm-{k}" for k in _SLURM if getattr(args, f"slurm_{k}")]
+    if args.launcher not in sweep.LAUNCHERS:
+        if given:
+            raise ConfigError(f"{given[0]}: only with --launcher submitit (SLURM) or submitit-local")
+        return None
+    return sweep.JobOptions(
+        cluster=sweep.LAUNCHERS[args.launcher], gpus_per_run=0 if args.gpus_per_run is None else args.gpus_per_run,
+        nodes=1 if args.nodes_per_run is None else args.nodes_per_run,
+        tasks_per_node=1 if args.tasks_per_node is None else args.tasks_per_node,
+        time_min=sweep.parse_time(args.slurm_time) if args.slurm_time else None, partition=args.slurm_partition,
+        cpus_per_task=args.slurm_cpus_per_task, mem=args.slurm_mem, account=args.slurm_account, qos=args.slurm_qos,
+        params=sweep.parse_params(args.slurm_param), setup=tuple(args.slurm_setup))
+
+
 def _sweep(args: argparse.Namespace) -> int:
     spec = sweep.load_sweep(args.sweep, out=args.dir)
     sweep.check_metric(spec, args.metric)
+    options = _job_options(args)
     if args.dry_run:
         print(sweep.describe(spec))
+        if options is not None and spec.runs:
+            sweep.check_options(options, submitting=False)
+            run = spec.runs[0]
+            print(f"\n# the sbatch script of {run.name}'s job (--launcher submitit):\n"
+                  + sweep.sbatch_script(options, run.run_dir / "submitit" / "%j", run.name))
         return 0
     if args.report:
         if not spec.out.is_dir():
@@ -92,12 +115,12 @@ def _sweep(args: argparse.Namespace) -> int:
         print(sweep.report(spec, metric=args.metric, maximize=args.maximize).markdown())
         return 0
     try:
-        results = sweep.run_sweep(spec, parallel=args.parallel, launcher=args.launcher, metric=args.metric,
-                            maximize=args.maximize)
+        results = sweep.run_sweep(spec, parallel=args.parallel, launcher=args.launcher, jobs_options=options,
+                                  wait=args.wait, metric=args.metric, maximize=args.maximize)
     except KeyboardInterrupt:
         print("distill sweep: interrupted; run the same command again to resume (report: --report)", file=sys.stderr)
         return 130
-    bad = [name for name, r in results.items() if r.status not in ("completed", "submitted")]
+    bad = [name for name, r in results.items() if r.status not in ("completed", "submitted", "queued", "running")]
     if bad:
         print(f"distill sweep: {len(bad)} of {len(results)} runs did not complete: {', '.join(bad)} "
               f"(logs: {args.dir or spec.out}/<name>/sweep.log)", file=sys.stderr)
@@ -126,6 +149,13 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _tb(args: argparse.Namespace) -> int:
     return tb.serve(args.dir, args.port)
+
+
+_SLURM_HELP = [("partition", "P", None), ("time", "TIME", "time limit: MIN, H:MM:SS or D-H:MM:SS (required)"),
+               ("cpus-per-task", "C", None), ("mem", "SIZE", "memory per node, e.g. 64G"), ("account", "A", None),
+               ("qos", "Q", None), ("param", "KEY=VALUE", "any other sbatch option, e.g. constraint=a100 (repeat)"),
+               ("setup", "LINE", "a shell line before the run, e.g. 'module load cuda' (repeat)")]
+_SLURM = [name.replace("-", "_") for name, _, _ in _SLURM_HELP]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,8 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs and their commands; run nothing")
     sweep.add_argument("--report", action="store_true", help="only write and print the summary tables")
     sweep.add_argument("--launcher", default=None, metavar="CMD",
-                       help="hand each unfinished run to CMD (its command appended, or substituted for "
+                       help="submitit: each unfinished run a SLURM job; submitit-local: the same jobs on this "
+                            "machine; else hand each run to CMD (its command appended, or substituted for "
                             "{command}; {name}, {dir} too), e.g. 'sbatch --wrap \"{command}\"'")
+    jobs = sweep.add_argument_group("jobs of --launcher submitit / submitit-local (docs/sweeps.md)")
+    jobs.add_argument("--wait", action="store_true", help="wait for the jobs and record how each run ended")
+    jobs.add_argument("--gpus-per-run", type=int, default=None, metavar="G", help="GPUs of a run, over its nodes")
+    jobs.add_argument("--nodes-per-run", type=int, default=None, metavar="N", help="hosts of a run (multi-host JAX)")
+    jobs.add_argument("--tasks-per-node", type=int, default=None, metavar="T",
+                      help="processes per host; each a JAX process (JAX_PROCESS_ID ...)")
+    for name, meta, text in _SLURM_HELP:
+        jobs.add_argument(f"--slurm-{name}", metavar=meta, help=text, type=int if name == "cpus-per-task" else str,
+                          **({"action": "append", "default": []} if name in ("param", "setup") else {}))
     sweep.add_argument("--metric", default=None, help="sort by this column (default: the first non-control "
                                                       "student's bpb), e.g. bpb/teacher or distilled_vs_control_pct")
     sweep.add_argument("--maximize", action="store_true", help="higher --metric is better")

@@ -1,5 +1,9 @@
 """Running a sweep: local `distill run` processes sharing the machine (CPU sets, thread counts,
-device memory), or a launcher (e.g. sbatch) per run; Ctrl-C and SIGTERM passed on to the runs."""
+device memory), or a launcher (e.g. sbatch) per run; Ctrl-C and SIGTERM passed on to the runs.
+
+The sweep owns its runs: on Linux each dies with it (PR_SET_PDEATHSIG: SIGTERM, so it checkpoints
+and stops), and a later sweep stops any run a killed sweep left behind (`stop_orphan`) before it
+resumes it."""
 
 from __future__ import annotations
 
@@ -15,19 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from distill import rundir
-from distill.config import Config, save_config
+from distill.sweep import jobs
+from distill.sweep.jobs import JobOptions
+from distill.sweep.ownership import SWEEP_PID_VAR, dies_with_parent, stop_orphan
 from distill.sweep.spec import SweepError
-from distill.sweep.state import Run, RunResult, Sweep, read_results, report, write_sweep_json
+from distill.sweep.state import (
+    LOG_NAME,
+    Run,
+    RunResult,
+    Sweep,
+    log_tail,
+    prepare_run_dir,
+    read_job,
+    read_results,
+    report,
+    result_of_exit,
+    write_sweep_json,
+)
 
-LOG_NAME = "sweep.log"
-TAIL_LINES = 20
+WAITING = ("queued", "running", "submitted")  # not finished, not failed: the scheduler has the run
 
-
-def _log_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
-    try:
-        return path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return []
 
 
 def available_cores() -> list[int]:
@@ -82,15 +93,6 @@ def launcher_command(template: str, command: list[str], run: Run) -> tuple[list[
     return line, True
 
 
-def _prepare_run_dir(run: Run, cfg: Config) -> None:
-    """Create OUT/<name> with its config.yaml (as `distill run` writes it) so the log can live there:
-    `distill run` takes a directory with a config.yaml for its own and refuses other non-empty ones."""
-    if (run.run_dir / rundir.CONFIG_FILE).is_file() or (run.run_dir.exists() and any(run.run_dir.iterdir())):
-        return
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.run_dir / rundir.CONFIG_FILE)
-
-
 def _bpb_text(run_dir: Path) -> str:
     summary = rundir.read_summary(run_dir) or {}
     bpb = {m: v for m, v in (summary.get("bpb") or {}).items() if v is not None}
@@ -107,41 +109,58 @@ class _Active:
 
 
 def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None = None,
+              jobs_options: JobOptions | None = None, wait: bool = False,
               metric: str | None = None, maximize: bool = False,
               echo: Callable[[str], None] = lambda line: print(line, flush=True)) -> dict[str, RunResult]:
-    """Run every unfinished run (`parallel` processes at a time, or through `launcher`), skip finished
-    ones, record each result in OUT/sweep.json, then write the report. Returns name -> result."""
+    """Run every unfinished run (`parallel` processes at a time, through `launcher`, or as submitit
+    jobs with `jobs_options`, waiting for them with `wait`), skip finished ones, record each result
+    in OUT/sweep.json, then write the report. Returns name -> result."""
     parallel = default_parallel() if parallel is None else parallel
     if parallel < 1:
         raise SweepError(f"--parallel {parallel}: must be >= 1")
+    if jobs_options is not None:
+        jobs.check_options(jobs_options)
     results: dict[str, RunResult] = {}
+    recorded = read_results(sweep.out)
     pending = []
     for run in sweep.runs:
         if sweep.finished(run):
-            results[run.name] = RunResult(run.name, "completed", skipped=True)
+            before = recorded.get(run.name)
+            results[run.name] = RunResult(run.name, "completed", exit_code=0, skipped=True,
+                                          wall_seconds=before.wall_seconds if before else None)
             echo(f"skipped  {run.name}: already completed ({_bpb_text(run.run_dir)})")
         else:
             pending.append(run)
-    earlier = {name: r for name, r in read_results(sweep.out).items() if name not in results}  # until re-run
+    earlier = {name: r for name, r in recorded.items() if name not in results}  # until re-run
     write_sweep_json(sweep, {**earlier, **results})
     total, done = len(sweep.runs), len(results)
-    echo(f"sweep {sweep.name}: {total} runs, {done} already completed, {len(pending)} to run"
-         + (f", {parallel} at a time" if not launcher else f" through {launcher!r}") + f"; out {sweep.out}")
+    how = (f"as {jobs_options.cluster} jobs" if jobs_options else f"through {launcher!r}" if launcher
+           else f"{parallel} at a time")
+    echo(f"sweep {sweep.name}: {total} runs, {done} already completed, {len(pending)} to run, {how}; out {sweep.out}")
+
+    def record(run: Run, result: RunResult) -> None:
+        results[run.name] = result
+        write_sweep_json(sweep, {**earlier, **results})
 
     def finish(run: Run, result: RunResult) -> None:
         nonlocal done
-        results[run.name] = result
+        before = earlier.get(run.name)
+        if before is not None and before.wall_seconds is not None and result.wall_seconds is not None:
+            result.wall_seconds += before.wall_seconds  # every attempt at the run
+        record(run, result)
         done += 1
-        write_sweep_json(sweep, {**earlier, **results})
         wall = f" in {result.wall_seconds:.1f}s" if result.wall_seconds is not None else ""
-        detail = _bpb_text(run.run_dir) if result.status == "completed" else (
-            f"exit {result.exit_code}; log {run.run_dir / LOG_NAME}")
-        failed = sum(r.status not in ("completed", "submitted") for r in results.values())
+        detail = (_bpb_text(run.run_dir) if result.status == "completed" else
+                  f"job {result.job_id}" if result.status in WAITING and result.job_id else
+                  "" if result.status in WAITING else f"exit {result.exit_code}; log {run.run_dir / LOG_NAME}")
+        failed = sum(r.status not in ("completed", *WAITING) for r in results.values())
         echo(f"[{done}/{total}] {result.status:<9} {run.name}{wall}: {detail}"
              + (f" ({failed} not completed so far)" if failed else ""))
 
     try:
-        if launcher:
+        if jobs_options:
+            _submit_all(sweep, pending, jobs_options, wait, record, finish, echo)
+        elif launcher:
             _launch_all(sweep, pending, launcher, finish, echo)
         else:
             _run_local(sweep, pending, parallel, finish, lambda line: echo(f"[{done}/{total}] {line}"))
@@ -153,7 +172,8 @@ def run_sweep(sweep: Sweep, *, parallel: int | None = None, launcher: str | None
 
 
 def _start(sweep: Sweep, run: Run, env: dict, cpus: list[int] | None) -> tuple[subprocess.Popen, Any]:
-    _prepare_run_dir(run, sweep.configs[run.name])
+    prepare_run_dir(run, sweep.configs[run.name])
+    env = {**env, SWEEP_PID_VAR: str(os.getpid())}  # the run's owner: see distill.sweep.ownership
     command = sweep.command(run)
     log = open(run.run_dir / LOG_NAME, "a")  # noqa: SIM115 (open while the run writes to it)
     log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(command)}\n")
@@ -163,7 +183,8 @@ def _start(sweep: Sweep, run: Run, env: dict, cpus: list[int] | None) -> tuple[s
         if previous is not None:  # the child inherits this thread's CPU set
             os.sched_setaffinity(0, cpus)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                   start_new_session=True)
+                                   start_new_session=True,
+                                   preexec_fn=dies_with_parent())  # noqa: PLW1509 (prctl only: takes no lock)
     finally:
         if previous is not None:
             os.sched_setaffinity(0, previous)
@@ -191,6 +212,7 @@ def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) ->
         while queue or active:
             while queue and free_slots:
                 run, slot = queue.pop(0), free_slots.pop(0)
+                stop_orphan(run.run_dir, echo)
                 env, cpus = process_env(parallel, slot, cores, accelerator)
                 process, log = _start(sweep, run, env, cpus)
                 active.append(_Active(run, process, log, slot, time.time()))
@@ -200,7 +222,7 @@ def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) ->
                 active.remove(item)
                 free_slots.append(item.slot)
                 item.log.close()
-                finish(item.run, _local_result(item))
+                finish(item.run, result_of_exit(item.run, item.process.returncode, item.started))
     except (KeyboardInterrupt, _Stop) as stop:
         signum = signal.SIGTERM if isinstance(stop, _Stop) else signal.SIGINT
         echo(f"stopping {len(active)} running run(s) at their next step (Ctrl-C again: at once); "
@@ -208,7 +230,7 @@ def _run_local(sweep: Sweep, pending: list[Run], parallel: int, finish, echo) ->
         _stop_all(active, signum)
         for item in active:
             item.log.close()
-            finish(item.run, _local_result(item))
+            finish(item.run, result_of_exit(item.run, item.process.returncode, item.started))
         raise KeyboardInterrupt from None
     finally:
         if main:
@@ -230,27 +252,11 @@ def _stop_all(active: list[_Active], signum: int) -> None:
             item.process.wait()
 
 
-def _local_result(item: _Active) -> RunResult:
-    """completed (exit 0, finished), the status of the summary the run wrote (interrupted, preempted,
-    nonfinite, ...), or failed."""
-    code, run_dir = item.process.returncode, item.run.run_dir
-    summary_file = run_dir / rundir.SUMMARY_FILE
-    fresh = summary_file.is_file() and summary_file.stat().st_mtime >= item.started - 1
-    if code == 0 and rundir.completed(run_dir) is not None:
-        status = "completed"
-    elif fresh and (rundir.read_summary(run_dir) or {}).get("status") not in (None, "completed"):
-        status = rundir.read_summary(run_dir)["status"]
-    else:
-        status = "failed"
-    tail = [] if status == "completed" else _log_tail(run_dir / LOG_NAME)
-    return RunResult(item.run.name, status, exit_code=code, wall_seconds=time.time() - item.started, log_tail=tail)
-
-
 def _launch_all(sweep: Sweep, pending: list[Run], launcher: str, finish, echo) -> None:
     """Hand each run to `launcher` (e.g. sbatch): the run counts as submitted when it exits 0 (completed
     when the launcher waited for the run and its summary says so)."""
     for run in pending:
-        _prepare_run_dir(run, sweep.configs[run.name])
+        prepare_run_dir(run, sweep.configs[run.name])
         target, shell = launcher_command(launcher, sweep.command(run), run)
         echo(f"launch   {run.name}: {target if shell else shlex.join(target)}")
         started = time.time()
@@ -264,6 +270,40 @@ def _launch_all(sweep: Sweep, pending: list[Run], launcher: str, finish, echo) -
                 log.write(f"launcher could not start: {error}\n")
                 code = 127
         status = "completed" if code == 0 and sweep.finished(run) else "submitted" if code == 0 else "failed"
-        tail = [] if status == "completed" else _log_tail(run.run_dir / LOG_NAME)
-        finish(run, RunResult(run.name, status, exit_code=code, wall_seconds=time.time() - started, log_tail=tail))
+        tail = [] if status == "completed" else log_tail(run.run_dir)
+        wall = None if status == "submitted" else time.time() - started  # the run's time is not the launcher's
+        finish(run, RunResult(run.name, status, exit_code=code, wall_seconds=wall, log_tail=tail))
 
+
+
+def _submit_all(sweep: Sweep, pending: list[Run], options: JobOptions, wait: bool, record, finish, echo) -> None:
+    """Submit each run as a submitit job (a run whose job is still queued or running is not submitted
+    twice); with `wait`, wait for every job and record how its run ended."""
+    waiting = []
+    for run in pending:
+        state = jobs.state_of(run)
+        if state is not None:
+            result = RunResult(run.name, state, job_id=_job_id(run))
+            echo(f"{state:<9} {run.name}: job {result.job_id} (not submitted again)")
+        else:
+            result = jobs.submit(sweep, run, options)
+            echo(f"submitted {run.name}: job {result.job_id}, log {run.run_dir / LOG_NAME}")
+        if wait:
+            record(run, result)
+            waiting.append(run)
+        else:
+            finish(run, result)
+    while waiting:
+        time.sleep(1.0)
+        for run in list(waiting):
+            result = jobs.result_of_job(run)
+            if result is None and jobs.state_of(run) is None:  # gone without recording its end
+                gone = f"job ended without a result (cancelled, time limit, node failure?): see {run.run_dir / jobs.JOBS_DIR}"
+                result = RunResult(run.name, "failed", job_id=_job_id(run), log_tail=[*log_tail(run.run_dir), gone])
+            if result is not None:
+                waiting.remove(run)
+                finish(run, result)
+
+
+def _job_id(run: Run) -> str | None:
+    return (read_job(run.run_dir) or {}).get("job_id")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from typing import Any
 import yaml
 
 from distill import rundir
-from distill.config import Config, build_config
-from distill.experiment import resolve
+from distill.config import Config, build_config, save_config
 from distill.errors import ConfigError
+from distill.experiment import resolve
+from distill.guards import EXIT_CODES
 from distill.sweep.spec import SweepError, SweepSpec, expand, format_value, parse_spec, run_names
 from distill.sweep.tables import Report, Row, build_report, diff_column, resolve_metric, summary_metrics
 
@@ -109,13 +111,67 @@ def load_sweep(path: str | Path, out: str | Path | None = None) -> Sweep:
 
 # ----------------------------------------------------------------------------- run state on disk
 
+LOG_NAME = "sweep.log"  # OUT/<name>/sweep.log: the run's output, every attempt appended
+JOB_FILE = "job.json"  # OUT/<name>/job.json: the run's scheduler job (`distill.sweep.jobs`)
+TAIL_LINES = 20
+
+
+def log_tail(run_dir: Path, lines: int = TAIL_LINES) -> list[str]:
+    try:
+        return (run_dir / LOG_NAME).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return []
+
+
+def prepare_run_dir(run: Run, cfg: Config) -> None:
+    """Create OUT/<name> with its config.yaml (as `distill run` writes it) so the log can live there:
+    `distill run` takes a directory with a config.yaml for its own and refuses other non-empty ones."""
+    if (run.run_dir / rundir.CONFIG_FILE).is_file() or (run.run_dir.exists() and any(run.run_dir.iterdir())):
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.run_dir / rundir.CONFIG_FILE)
+
+
+def write_job(run_dir: Path, **fields) -> None:
+    """Update OUT/<name>/job.json (atomically): `state` queued | running | finished, `job_id`,
+    `cluster`, `exit_code`, `started` / `ended` (epoch seconds), `host`."""
+    record = {**(read_job(run_dir) or {}), **fields}
+    scratch = run_dir / f".{JOB_FILE}.tmp"
+    scratch.write_text(json.dumps(record, indent=2))
+    scratch.replace(run_dir / JOB_FILE)
+
+
+def read_job(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def result_of_exit(run: Run, code: int, started: float, ended: float | None = None) -> RunResult:
+    """What a run's process (started at `started`) exiting with `code` means: completed (exit 0 and
+    finished), the status of the summary it wrote (interrupted, preempted, nonfinite, ...), or failed."""
+    run_dir, ended = run.run_dir, time.time() if ended is None else ended
+    summary_file = run_dir / rundir.SUMMARY_FILE
+    fresh = summary_file.is_file() and summary_file.stat().st_mtime >= started - 1
+    own = (rundir.read_summary(run_dir) or {}).get("status") if fresh else None
+    if code == 0 and rundir.completed(run_dir) is not None:
+        status = "completed"
+    elif own not in (None, "completed"):
+        status = own
+    else:
+        status = "failed"
+    tail = [] if status == "completed" else log_tail(run_dir)
+    return RunResult(run.name, status, exit_code=code, wall_seconds=ended - started, log_tail=tail)
+
 @dataclass
 class RunResult:
     name: str
     status: str  # completed | failed | submitted, or a run's own summary status: interrupted, preempted, ...
     exit_code: int | None = None
-    wall_seconds: float | None = None
+    wall_seconds: float | None = None  # the run's processes, summed over every attempt of the sweep
     skipped: bool = False  # finished before this invocation
+    job_id: str | None = None  # the scheduler's job (submitit launchers)
     log_tail: list[str] = field(default_factory=list)  # the last lines of OUT/<name>/sweep.log when not completed
 
 
@@ -157,13 +213,16 @@ def collect_rows(sweep: Sweep) -> tuple[list[Row], list[dict]]:
             status = "completed"
         elif rundir.completed(run.run_dir) is not None:
             status, result = "stale", None
+        elif (job := _job_result(run, result)) is not None:
+            status, result = job.status, job
         elif result is not None:
             status = result.status
         else:
             status = summary.get("status", "pending") if summary else "pending"
-        row = Row(name=run.name, values=run.values, status=status,
-                  exit_code=result.exit_code if result else None,
-                  wall_seconds=(summary or {}).get("wall_seconds") if status == "completed" else None)
+        row = Row(name=run.name, values=run.values, status=status, exit_code=_exit_code(status, result),
+                  wall_seconds=result.wall_seconds if result and result.wall_seconds is not None else (
+                      (summary or {}).get("wall_seconds") if status == "completed" else None),
+                  train_seconds=(summary or {}).get("train_seconds") if status != "stale" else None)
         if status == "completed" and summary:
             row.metrics = summary_metrics(summary)
             summaries.append(summary)
@@ -171,8 +230,30 @@ def collect_rows(sweep: Sweep) -> tuple[list[Row], list[dict]]:
             row.note = f"{run.run_dir} holds a finished run of another config; delete it or use another --dir"
         elif result is not None and result.log_tail:
             row.note = next((line.strip() for line in reversed(result.log_tail) if line.strip()), "")
+        elif result is not None and result.job_id:
+            row.note = f"job {result.job_id}"
         rows.append(row)
     return rows, summaries
+
+
+def _job_result(run: Run, recorded: RunResult | None) -> RunResult | None:
+    """What the run's job.json knows beyond the sweep's record: queued, running, or how it ended."""
+    job = read_job(run.run_dir)
+    if job is None or (recorded is not None and recorded.status not in ("queued", "running")):
+        return None
+    if job.get("state") == "finished":
+        return result_of_exit(run, job["exit_code"], job.get("started") or job["ended"], job["ended"])
+    return RunResult(run.name, job.get("state", "queued"), job_id=job.get("job_id"))
+
+
+def _exit_code(status: str, result: RunResult | None) -> int | None:
+    """The run's last exit code: as recorded by the sweep, else the one its summary's status means
+    (a completed run exits 0, an interrupted one 130, ...: distill.guards.EXIT_CODES)."""
+    if status == "completed":
+        return 0
+    if result is not None and result.exit_code is not None:
+        return result.exit_code
+    return EXIT_CODES.get(status)
 
 
 def report(sweep: Sweep, metric: str | None = None, maximize: bool = False, write: bool = True) -> Report:

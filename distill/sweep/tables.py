@@ -19,9 +19,10 @@ class Row:
     values: dict[str, Any]
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
-    wall_seconds: float | None = None
+    wall_seconds: float | None = None  # every attempt the sweep made at the run (else the run's last command)
     exit_code: int | None = None
     note: str = ""
+    train_seconds: float | None = None  # the run's training loop over all its commands (its summary.json)
 
 
 @dataclass
@@ -147,11 +148,13 @@ class Report:
         columns = list(dict.fromkeys([*self.headline, *(k for r in self.rows for k in r.metrics)]))
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["rank", "name", *self.axes, "status", "exit_code", "wall_seconds", *columns])
+            writer.writerow(["rank", "name", *self.axes, "status", "exit_code", "wall_seconds", "train_seconds",
+                             *columns])
             for i, row in enumerate(self.rows, 1):
                 writer.writerow([i, row.name, *(_cell(row.values.get(a)) for a in self.axes), row.status,
                                  "" if row.exit_code is None else row.exit_code,
                                  "" if row.wall_seconds is None else f"{row.wall_seconds:.1f}",
+                                 "" if row.train_seconds is None else f"{row.train_seconds:.1f}",
                                  *("" if c not in row.metrics else repr(row.metrics[c]) for c in columns)])
 
     def write_group_csv(self, path: Path) -> None:

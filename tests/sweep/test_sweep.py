@@ -16,6 +16,7 @@ from distill import cli
 from distill.config import save_config
 from distill.sweep import (
     RandomAxis,
+    RunResult,
     SweepError,
     build_report,
     check_metric,
@@ -28,9 +29,11 @@ from distill.sweep import (
     process_env,
     report,
     run_names,
+    run_sweep,
     short_names,
     summary_metrics,
 )
+from distill.sweep.state import write_sweep_json
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent
@@ -390,3 +393,30 @@ def test_the_minimal_form_on_the_quickstart_validates_every_run(tmp_path, monkey
     runs = load_sweep(spec, out=tmp_path / "out").runs
     assert [run.name for run in runs] == ["temperature-1.0_seed-0", "temperature-2.0_seed-0",
                                           "temperature-1.0_seed-1", "temperature-2.0_seed-1"]
+
+
+def test_summary_csv_gives_every_run_its_exit_code_and_training_seconds(tmp_path):
+    """Completed runs exit 0 (skipped ones too, keeping the wall seconds the sweep recorded); a run
+    stopped by a signal has the exit code its summary's status means; train_seconds is the run's own."""
+    sweep = fake_sweep(tmp_path, skip={(1.0, 1)})
+    stopped = sweep.runs[2]  # temperature-1.0_seed-1: not finished
+    for run in sweep.runs[:2] + sweep.runs[3:]:
+        content = json.loads((run.run_dir / "summary.json").read_text())
+        (run.run_dir / "summary.json").write_text(json.dumps({**content, "train_seconds": 2.5}))
+    stopped.run_dir.mkdir(parents=True)
+    save_config(sweep.configs[stopped.name], stopped.run_dir / "config.yaml")
+    (stopped.run_dir / "summary.json").write_text(json.dumps({
+        "status": "preempted", "steps": 10, "wall_seconds": 1.0, "train_seconds": 4.0, "controls": ["control"],
+        "bpb": {"teacher": None, "distilled": None, "control": None}, "final": {}}))
+    write_sweep_json(sweep, {sweep.runs[0].name: RunResult(sweep.runs[0].name, "completed", exit_code=0,
+                                                           wall_seconds=7.0)})
+    report(sweep)
+    rows = {r["name"]: r for r in csv.DictReader((sweep.out / "summary.csv").open())}
+    assert [rows[r.name]["exit_code"] for r in sweep.runs] == ["0", "0", "143", "0"]
+    assert [rows[r.name]["wall_seconds"] for r in sweep.runs] == ["7.0", "3.0", "", "3.0"]
+    assert [rows[r.name]["train_seconds"] for r in sweep.runs] == ["2.5", "2.5", "4.0", "2.5"]
+    results = run_sweep(sweep, launcher="true", echo=lambda line: None)
+    assert results[sweep.runs[0].name] == RunResult(sweep.runs[0].name, "completed", exit_code=0, wall_seconds=7.0,
+                                                    skipped=True)
+    recorded = {r["name"]: r["result"] for r in json.loads((sweep.out / "sweep.json").read_text())["runs"]}
+    assert recorded[sweep.runs[1].name]["exit_code"] == 0 and recorded[stopped.name]["status"] == "submitted"
