@@ -9,8 +9,8 @@ for logits `[..., vocab]`), computed in float32, 0 on masked tokens; reduce them
 from losses._chunking import DEFAULT_CHUNK_SIZE
 from losses._cross_entropy import cross_entropy
 from losses._distillation import distillation_loss
-from losses._head import Head
 from losses._divergences import KD_TERMS, dkd, forward_kl, jsd, reverse_kl, skew_kl, skew_reverse_kl, tvd
+from losses._head import Head
 from losses._kd import KDTerm
 from losses._moe import load_balancing_loss, router_distillation, router_z_loss
 from losses._reduce import masked_quantiles, sequence_mean, token_mean

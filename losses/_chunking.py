@@ -190,8 +190,8 @@ def _chunked_bwd(row_fn: RowFn, chunk: int, residuals, cotangents):
 
 def _head_bwd(row_fn: RowFn, chunk: int, head: Head, rows: Any, consts: Any, cotangents) -> Head:
     """The gradient of a fused head: per chunk, the logits are recomputed, the row function's VJP
-    gives their gradient, and the head's VJP pulls it back into the hidden states (written into
-    their buffer) and the weight (summed in float32). The last chunk, shifted back to end at the
+    gives their gradient, which is pulled back into the hidden states (the head's VJP, written into
+    their buffer) and the weight (each chunk's product in float32, summed in float32). The last chunk, shifted back to end at the
     last row, shares rows with the one before: they are written twice (the same values) but left
     out of the weight's sum."""
     hidden, weight = head.hidden, head.weight
@@ -205,12 +205,12 @@ def _head_bwd(row_fn: RowFn, chunk: int, head: Head, rows: Any, consts: Any, cot
         logits_c, head_vjp = jax.vjp(lambda h, w: Head(h, w).logits(), head_c.hidden, weight)
         _, row_vjp = jax.vjp(lambda z: row_fn(z, rows_c, consts), logits_c)
         (g,) = row_vjp(_slice_rows(cotangents, start, chunk))
+        (g_hidden, _) = head_vjp(g)  # as autodiff of the unfused logits gives it
         fresh = start + jnp.arange(chunk) >= i * chunk
-        g_hidden, _ = head_vjp(g)
-        _, g_weight = head_vjp(jnp.where(fresh[:, None], g, 0.0))
+        g_weight = jnp.dot(head_c.hidden.T, jnp.where(fresh[:, None], g, 0.0), preferred_element_type=jnp.float32)
         grad_hidden = lax.dynamic_update_slice_in_dim(grad_hidden, _to_bits(g_hidden.astype(hidden.dtype)), start,
                                                       axis=0)
-        return grad_hidden, grad_weight + g_weight.astype(jnp.float32)
+        return grad_hidden, grad_weight + g_weight
 
     init = (jnp.zeros(hidden.shape, _bits_dtype(hidden.dtype)), jnp.zeros(weight.shape, jnp.float32))
     grad_hidden, grad_weight = lax.fori_loop(0, -(-n // chunk), body, init)

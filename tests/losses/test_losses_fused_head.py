@@ -27,8 +27,8 @@ def inputs(seed):
     mask = np.ones(SHAPE, bool)
     mask[1, 5:] = False
     weights = rng.uniform(0.5, 1.5, SHAPE).astype(np.float32)  # per-token cotangents differ
-    return dict(h=f(*SHAPE, HIDDEN), w=f(HIDDEN, PADDED, scale=0.8), ht=f(*SHAPE, HIDDEN),
-                wt=f(HIDDEN, PADDED, scale=0.8), labels=labels, mask=mask, weights=weights)
+    return {"h": f(*SHAPE, HIDDEN), "w": f(HIDDEN, PADDED, scale=0.8), "ht": f(*SHAPE, HIDDEN),
+            "wt": f(HIDDEN, PADDED, scale=0.8), "labels": labels, "mask": mask, "weights": weights}
 
 
 def term(kind, student, teacher, x):
