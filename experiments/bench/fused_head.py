@@ -4,6 +4,7 @@
     distill bench fused_head --vocabs 32000 --hiddens 1024 --tokens 2048 --repeats 1   # a quick look
     distill bench fused_head --fits                            # largest vocab x tokens in --budget-gib
     distill bench fused_head --platform gpu                    # on a GPU: peak device memory
+    distill bench fused_head --no-run                          # XLA's compiled estimates only
 
 What it measures, per (vocabulary, hidden size) and path, for value-and-gradient with respect to the
 student's final hidden states and head weight of the token mean of `losses.distillation_loss`
@@ -93,7 +94,7 @@ def _estimate(compiled) -> dict:
             "run_extra_gib": (m.temp_size_in_bytes + m.output_size_in_bytes) / GIB}
 
 
-def child(tokens: int, vocab: int, hidden: int, mode: str, repeats: int, chunk_size) -> dict:
+def child(tokens: int, vocab: int, hidden: int, mode: str, repeats: int, chunk_size, run: bool = True) -> dict:
     import gc
 
     import jax
@@ -102,6 +103,9 @@ def child(tokens: int, vocab: int, hidden: int, mode: str, repeats: int, chunk_s
     compiled = _step(mode, chunk_size).lower(*_abstract_inputs(tokens, vocab, hidden)).compile()
     result = {"vocab": vocab, "hidden": hidden, "mode": mode, "tokens": tokens, **_estimate(compiled)}
     on_cpu = jax.default_backend() == "cpu"
+    if not run:
+        result["skipped"] = "compiled only (--no-run)"
+        return result
     if on_cpu and (result["estimate_gib"] + 4) * GIB > psutil.virtual_memory().available:
         result["skipped"] = (f"needs ~{result['estimate_gib']:.1f} GiB + 4, "
                              f"{psutil.virtual_memory().available / GIB:.1f} GiB free")
@@ -137,7 +141,7 @@ def fits(tokens: int, hiddens: list[int], vocabs: list[int], budget_gib: float, 
     def largest(fn, low, high):  # the largest n in [low, high] with fn(n) <= budget (fn increasing)
         if fn(low) > budget_gib:
             return None
-        while high - low > max(1, low // 64):
+        while high - low > max(1, low // 32):  # to about 3 %
             mid = (low + high) // 2
             low, high = (mid, high) if fn(mid) <= budget_gib else (low, mid)
         return low
@@ -173,6 +177,7 @@ def main() -> None:
     parser.add_argument("--chunk-size", default="auto", help="tokens per chunk (default: auto)")
     parser.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: peak device memory from the allocator (memory_stats) instead of RSS")
+    parser.add_argument("--no-run", action="store_true", help="compile only: XLA's estimates, no peak or time")
     parser.add_argument("--fits", action="store_true", help="largest sizes within --budget-gib (compiled only)")
     parser.add_argument("--budget-gib", type=float, default=24.0)
     parser.add_argument("--child", nargs=3, metavar=("VOCAB", "HIDDEN", "MODE"), help=argparse.SUPPRESS)
@@ -181,7 +186,7 @@ def main() -> None:
     chunk_size = args.chunk_size if args.chunk_size == "auto" else int(args.chunk_size)
     if args.child:
         vocab, hidden, mode = int(args.child[0]), int(args.child[1]), args.child[2]
-        print(json.dumps(child(args.tokens, vocab, hidden, mode, args.repeats, chunk_size)))
+        print(json.dumps(child(args.tokens, vocab, hidden, mode, args.repeats, chunk_size, not args.no_run)))
         return
 
     import psutil
@@ -206,6 +211,7 @@ def main() -> None:
                 done = subprocess.run(
                     [sys.executable, __file__, "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                      "--chunk-size", args.chunk_size, "--platform", args.platform,
+                     *(["--no-run"] if args.no_run else []),
                      "--child", str(vocab), str(hidden), mode],
                     check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo_root()},
                 )
