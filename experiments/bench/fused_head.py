@@ -127,7 +127,7 @@ def child(tokens: int, vocab: int, hidden: int, mode: str, repeats: int, chunk_s
         result["peak_gib"] = _vm("VmHWM") / GIB
     else:
         result["peak_gib"] = jax.devices()[0].memory_stats()["peak_bytes_in_use"] / GIB
-    result["seconds"] = statistics.median(times[1:])
+    result["seconds"] = statistics.median(times[1:] or times)  # --repeats 0: the one call
     return result
 
 
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256, 202048])
     parser.add_argument("--hiddens", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--modes", nargs="+", default=["unfused", "fused"], choices=["unfused", "fused"])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls after a warm-up one (0: one call)")
     parser.add_argument("--chunk-size", default="auto", help="tokens per chunk (default: auto)")
     parser.add_argument("--platform", choices=["cpu", "gpu"], default="cpu",
                         help="gpu: peak device memory from the allocator (memory_stats) instead of RSS")
