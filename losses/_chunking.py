@@ -191,9 +191,9 @@ def _chunked_bwd(row_fn: RowFn, chunk: int, residuals, cotangents):
 def _head_bwd(row_fn: RowFn, chunk: int, head: Head, rows: Any, consts: Any, cotangents) -> Head:
     """The gradient of a fused head: per chunk, the logits are recomputed, the row function's VJP
     gives their gradient, which is pulled back into the hidden states (the head's VJP, written into
-    their buffer) and the weight (each chunk's product in float32, summed in float32). The last chunk, shifted back to end at the
-    last row, shares rows with the one before: they are written twice (the same values) but left
-    out of the weight's sum."""
+    their buffer) and the weight (each chunk's product in float32, summed in float32). The last
+    chunk, shifted back to end at the last row, shares rows with the one before: they are written
+    twice (the same values) but left out of the weight's sum."""
     hidden, weight = head.hidden, head.weight
     n = hidden.shape[0]
 
