@@ -84,7 +84,7 @@ def step_plan(exp: Experiment, models: Models, mesh: Mesh) -> StepPlan:
         kind=TEACHER_KINDS[kind], target=TARGETS[teacher.config.target if trains else "live"], graph=graph,
         tx=optimizer(teacher.optim, teacher.model, teacher.metap_base, steps) if trains else None,
         config=teacher.config, num_experts=teacher.model.num_local_experts,
-        sharding=ShardingContext(mesh, teacher.rules))
+        sharding=ShardingContext(mesh, teacher.rules), fused_head=cfg.loss.fused_head)
     micro_rows = cfg.data.batch_size // cfg.train.grad_accum
     students = tuple(StudentPlan(
         name=s.name, graph=nnx.split(model)[0],

@@ -10,10 +10,11 @@ from losses._chunking import DEFAULT_CHUNK_SIZE
 from losses._cross_entropy import cross_entropy
 from losses._distillation import distillation_loss
 from losses._divergences import KD_TERMS, dkd, forward_kl, jsd, reverse_kl, skew_kl, skew_reverse_kl, tvd
+from losses._head import Head
 from losses._kd import KDTerm
 from losses._moe import load_balancing_loss, router_distillation, router_z_loss
 from losses._reduce import masked_quantiles, sequence_mean, token_mean
-from losses._vocab import PADDING_TOLERANCE, SparseTeacher, resolve_columns, top_k_teacher
+from losses._vocab import PADDING_TOLERANCE, SparseTeacher, resolve_columns, top1, top_k_teacher
 from losses.filtering import SCORES, FilterConfig, row_scores, row_weights
 from losses.weighting import (DIFFICULTIES, GRANULARITIES, SCHEDULES, WeightingConfig, alpha_stats, compute_alpha,
                               schedule_alpha, token_stats)
@@ -23,6 +24,7 @@ __all__ = [
     "DIFFICULTIES",
     "FilterConfig",
     "GRANULARITIES",
+    "Head",
     "KD_TERMS",
     "KDTerm",
     "PADDING_TOLERANCE",
@@ -51,6 +53,7 @@ __all__ = [
     "skew_reverse_kl",
     "token_mean",
     "token_stats",
+    "top1",
     "top_k_teacher",
     "tvd",
 ]

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from losses._chunking import DEFAULT_CHUNK_SIZE, map_tokens
+from losses._head import Head
+
 logger = logging.getLogger(__name__)
 
 PADDING_TOLERANCE = 0.01
@@ -55,20 +58,51 @@ class SparseTeacher:
             raise ValueError(f"SparseTeacher.tail: got {self.tail!r}; allowed: {', '.join(map(repr, TAILS))}")
 
 
-def top_k_teacher(teacher_logits: jax.Array, k: int, *, tail: str = "uniform") -> SparseTeacher:
+def top_k_teacher(teacher_logits: jax.Array | Head, k: int, *, tail: str = "uniform",
+                  chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> SparseTeacher:
     """Keeps the top-k entries of the teacher's temperature-1 distribution.
 
     Args:
-      teacher_logits: `[..., vocab]`, any float dtype.
+      teacher_logits: `[..., vocab]`, any float dtype, or a `Head` (then computed a chunk of
+        tokens at a time, with `chunk_size`).
       k: entries kept per token, `1 <= k <= vocab`.
       tail: see `SparseTeacher.tail`.
 
     Returns:
       A `SparseTeacher` with int32 indices and float32 log-probabilities `[..., k]`.
     """
-    log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
-    values, indices = jax.lax.top_k(log_probs, k)
-    return SparseTeacher(indices.astype(jnp.int32), values, tail)
+    if isinstance(teacher_logits, Head):
+        indices, values = map_tokens(_TopK(k), jax.lax.stop_gradient(teacher_logits), {}, None,
+                                     chunk_size=chunk_size)
+        return SparseTeacher(indices, values, tail)
+    indices, values = _TopK(k)(teacher_logits, {}, None)
+    return SparseTeacher(indices, values, tail)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TopK:
+    """Row function: the k largest temperature-1 log-probabilities and their columns."""
+
+    k: int
+
+    def __call__(self, logits: jax.Array, rows=None, consts=None) -> tuple[jax.Array, jax.Array]:
+        del rows, consts
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        values, indices = jax.lax.top_k(log_probs, self.k)
+        return indices.astype(jnp.int32), values
+
+
+def top1(logits: jax.Array | Head, *, chunk_size: int | str | None = DEFAULT_CHUNK_SIZE) -> jax.Array:
+    """The most probable column of every token, int32 `[...]` (`jnp.argmax` over the last axis;
+    for a `Head`, computed a chunk of tokens at a time). No gradient."""
+    if isinstance(logits, Head):
+        return map_tokens(_argmax_rows, jax.lax.stop_gradient(logits), {}, None, chunk_size=chunk_size)
+    return jnp.argmax(logits, -1)
+
+
+def _argmax_rows(logits: jax.Array, rows=None, consts=None) -> jax.Array:
+    del rows, consts
+    return jnp.argmax(logits, -1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)

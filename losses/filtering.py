@@ -21,6 +21,10 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from losses._cross_entropy import cross_entropy
+from losses._head import Head
+from losses._vocab import top1
+
 
 @dataclasses.dataclass(frozen=True)
 class FilterConfig:
@@ -54,7 +58,8 @@ class Score:
     Attributes:
       name: its key in `SCORES` (`FilterConfig.score`).
       compute: `compute(teacher_ce=, student_logits=, labels=, teacher_top1=, mask=) -> [..., rows]`
-        from `[..., rows, seq]` inputs: teacher_ce float32 -log p_T(y), mask bool; no gradient.
+        from `[..., rows, seq]` inputs: teacher_ce float32 -log p_T(y), student_logits logits or a
+        `Head` (read chunk by chunk), mask bool; no gradient.
       formula: one line for the docs table.
     """
 
@@ -74,15 +79,18 @@ def _teacher_loss(*, teacher_ce, student_logits, labels, teacher_top1, mask) -> 
 
 def _excess_loss(*, teacher_ce, student_logits, labels, teacher_top1, mask) -> jax.Array:
     del teacher_top1
-    student = _constant(student_logits)
-    student_ce = -jnp.take_along_axis(jax.nn.log_softmax(student, axis=-1), labels[..., None], axis=-1)[..., 0]
+    if isinstance(student_logits, Head):
+        student_ce = cross_entropy(jax.lax.stop_gradient(student_logits), labels, mask=mask)
+    else:
+        student = _constant(student_logits)
+        student_ce = -jnp.take_along_axis(jax.nn.log_softmax(student, axis=-1), labels[..., None], axis=-1)[..., 0]
     return _row_mean(student_ce - teacher_ce, mask)
 
 
 def _agreement(*, teacher_ce, student_logits, labels, teacher_top1, mask) -> jax.Array:
     del teacher_ce, labels
-    student = _constant(student_logits)
-    return -_row_mean((jnp.argmax(student, axis=-1) == teacher_top1).astype(jnp.float32), mask)
+    student_top1 = top1(jax.lax.stop_gradient(student_logits))
+    return -_row_mean((student_top1 == teacher_top1).astype(jnp.float32), mask)
 
 
 SCORES: Mapping[str, Score] = types.MappingProxyType({score.name: score for score in (
@@ -103,7 +111,7 @@ def row_scores(score: str, *, teacher_label_log_prob: jax.Array, teacher_top1: j
       score: a name in `SCORES`.
       teacher_label_log_prob: float `[..., seq]`, log p_T(y) per token (T = 1).
       teacher_top1: int `[..., seq]`, the teacher's most probable token.
-      student_logits: `[..., seq, V]`.
+      student_logits: `[..., seq, V]`, or a `Head` (its logits are formed chunk by chunk).
       labels, mask: `[..., seq]`.
     """
     if score not in SCORES:

@@ -71,3 +71,24 @@ def test_teacher_load_benchmark_tables_both_ways_of_reading_a_teacher(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "teacher_load", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "no checkpoints/ directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_fused_head_benchmark_measures_both_paths_and_finds_the_largest_sizes():
+    """`distill bench fused_head` at a tiny size: each path's XLA estimate, peak RSS and time, the
+    fused one with the smaller estimate; --fits bisects compiled programs against a budget."""
+    sizes = ["--tokens", "256", "--vocabs", "4096", "--hiddens", "32", "--repeats", "1"]
+    result = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "fused_head", *sizes],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {m.group(1): [float(x) for x in m.groups()[1:]] for m in re.finditer(
+        r"^\| 4,096 \| 32 \| (unfused|fused) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+        result.stdout, re.M)}
+    assert rows.keys() == {"unfused", "fused"}, result.stdout
+    assert rows["fused"][1] < rows["unfused"][1]  # XLA's estimate: no [tokens, vocab] logits
+    assert all(peak > 0 and seconds > 0 for _, _, peak, seconds, _ in rows.values())
+    fits = subprocess.run([sys.executable, "-m", "distill.cli", "bench", "fused_head", "--fits", "--budget-gib",
+                           "0.25", *sizes], capture_output=True, text=True, timeout=600)
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    largest = dict(re.findall(r"^\| 32 \| (unfused|fused) \| ([\d,]+|none) \|", fits.stdout, re.M))
+    assert int(largest["fused"].replace(",", "")) > int(largest["unfused"].replace(",", "")), fits.stdout

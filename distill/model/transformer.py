@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+import losses
 from distill.model.attention import Attention, LayerCache
 from distill.model.config import ModelConfig
 from distill.model.layers import RMSNorm, SwiGLU, dtype_of, param
@@ -25,7 +26,7 @@ from distill.model.vision import Projector, VisionEncoder, check_images, place_f
 class ModelOutput:
     """What a forward pass returns. Router statistics are stacked over MoE layers, in layer order."""
 
-    logits: jax.Array  # [B, S, vocab] float32
+    logits: jax.Array | losses.Head  # [B, S, vocab] float32; with fused_head, the head the losses form them from
     router_logits: jax.Array  # [L_moe, B*S, E] float32
     expert_indices: jax.Array  # [L_moe, B*S, k] int32
     expert_counts: jax.Array  # [L_moe, E] int32
@@ -103,6 +104,10 @@ class Transformer(nnx.Module):
     projected and written over that row's `N * tokens_per_image` placeholders, in order, before the
     first layer (`distill.model.vision`). Without `images` the placeholders embed as ordinary tokens,
     as in transformers when no `pixel_values` are given.
+
+    With `fused_head=True` the output's `logits` is a `losses.Head`: the final hidden states and
+    the head weight, both in the compute dtype, whose logits the losses form a chunk of tokens at
+    a time (no [B, S, vocab] array is made).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -161,7 +166,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_bs: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: ModelCache | None = None,
-                 images: jax.Array | None = None) -> ModelOutput:
+                 images: jax.Array | None = None, fused_head: bool = False) -> ModelOutput:
         """With a `cache` (`init_cache`), the tokens continue the ones it holds: they sit at positions
         `cache.index + 0..S-1` (one unpacked sequence per row) and the output carries the new cache."""
         cfg = self.cfg
@@ -211,8 +216,11 @@ class Transformer(nnx.Module):
         x = self.final_norm(x)
         c = dtype_of(cfg.dtype)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = constrain(jnp.dot(x.astype(c), head.astype(c), preferred_element_type=jnp.float32),
-                           "batch", "length", "vocab")
+        if fused_head:
+            logits = losses.Head(x.astype(c), head.astype(c))
+        else:
+            logits = constrain(jnp.dot(x.astype(c), head.astype(c), preferred_element_type=jnp.float32),
+                               "batch", "length", "vocab")
         new_cache = None if cache is None else ModelCache(scanned=new_scanned, groups=new_groups, tail=new_tail,
                                                           index=cache.index + s)
         return ModelOutput(logits=logits, cache=new_cache, **_router_fields(stats, b * s, cfg))

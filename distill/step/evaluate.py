@@ -23,10 +23,10 @@ def eval_step(plan: StepPlan, state: TrainState, batch: Batch) -> dict[str, jax.
     teacher, teacher_top1, teacher_nats = plan.teacher.kind.evaluate(plan.teacher, state.teacher.params, batch)
     out = {"tokens": jnp.sum(mask.astype(jnp.float32)), "teacher/nats": total(teacher_nats)}
     for sp, s_state in zip(plan.students, state.students):
-        logits = forward(sp.graph, s_state.params, batch, sp.sharding).logits
+        logits = forward(sp.graph, s_state.params, batch, sp.sharding, fused_head=sp.loss.fused_head).logits
         prefix = f"student/{sp.name}/"
         out[prefix + "nats"] = total(losses.cross_entropy(logits, batch["labels"], mask=mask))
-        out[prefix + "agree"] = total((jnp.argmax(logits, -1) == teacher_top1).astype(jnp.float32))
+        out[prefix + "agree"] = total((losses.top1(logits) == teacher_top1).astype(jnp.float32))
         out[prefix + "kl"] = total(losses.forward_kl(logits, teacher, mask=mask))
     return out
 

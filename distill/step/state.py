@@ -32,9 +32,12 @@ class TrainState:
     last_skipped: jax.Array  # int32 [1 + students]: the step of the latest one (-1: none)
 
 
-def forward(graph, params, batch: Batch, sharding: ShardingContext | None = None) -> ModelOutput:
-    """The model's forward, traced under its sharding context (activation hints, expert parallelism)."""
+def forward(graph, params, batch: Batch, sharding: ShardingContext | None = None, *,
+            fused_head: bool = False) -> ModelOutput:
+    """The model's forward, traced under its sharding context (activation hints, expert parallelism).
+    With `fused_head`, its `logits` is a `losses.Head` (the losses form the logits chunk by chunk)."""
     with use_sharding(sharding):
         model = nnx.merge(graph, params)
         return model(batch["tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"],
-                     images=batch.get("images"))  # an image-and-text batch (data.source=digits)
+                     images=batch.get("images"),  # an image-and-text batch (data.source=digits)
+                     fused_head=fused_head)

@@ -52,7 +52,7 @@ class StudentMicro(NamedTuple):
 
     metrics: dict[str, dict[str, jax.Array]]  # rows ("all", "data", "written") -> name -> mean over them
     expert_load: jax.Array  # [L_moe, E]
-    logits: jax.Array  # stop-gradient, for the teacher's mutual term
+    logits: Any  # stop-gradient logits or losses.Head, for the teacher's mutual term
     row_scores: jax.Array | None  # [rows]: difficulty filtering's scores
     written: jax.Array | None  # [seq + 1]: the first row it wrote (on-policy)
 
@@ -148,9 +148,16 @@ def with_written_rows(plan: StudentPlan, params, mb: Batch, targets: Targets, sc
     written = onpolicy.student_rows(nnx.merge(plan.graph, params), mb["tokens"][:n], plan.loss.on_policy, key)
     scored = score(written)
     batch = {k: jnp.concatenate([written[k].astype(v.dtype), v[n:]]) if k in written else v for k, v in mb.items()}
-    logits = jnp.concatenate([scored.logits, targets.logits[n:]])
+    logits = _concatenate_rows(scored.logits, targets.logits[n:])
     router = jnp.concatenate([scored.router_logits, targets.router_logits[:, n * seq:]], axis=1)
     return batch, Targets(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(router), targets.judgement)
+
+
+def _concatenate_rows(first, rest):
+    """Logits (or `losses.Head`s of the same weight: the target's) of two sets of rows, as one."""
+    if isinstance(first, losses.Head):
+        return losses.Head(jnp.concatenate([first.hidden, rest.hidden]), rest.weight)
+    return jnp.concatenate([first, rest])
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -202,7 +209,7 @@ def student_loss(params, plan: StudentPlan, batch: Batch, targets: Targets,
     """The student's loss on a micro-batch (rows [:on_policy_rows] it wrote, the rest data), and what
     to log of it."""
     target_logits = targets.logits
-    out = forward(plan.graph, params, batch, plan.sharding)
+    out = forward(plan.graph, params, batch, plan.sharding, fused_head=plan.loss.fused_head)
     mask, labels, cfg, n = batch["mask"] > 0, batch["labels"], plan.loss, plan.on_policy_rows
     metrics = {"all": {}, "data": {}, "written": {}}
     per_token = []

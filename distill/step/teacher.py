@@ -59,6 +59,7 @@ class TeacherPlan:
     config: TeacherConfig  # its loss weights, mutual weight, EMA decay, refresh interval
     num_experts: int
     sharding: ShardingContext | None = None  # mesh + the teacher's logical-axis rules
+    fused_head: bool = False  # its forward returns a losses.Head, not logits (the run's loss.fused_head)
 
 
 def cached_teacher(batch: Batch) -> losses.SparseTeacher:
@@ -70,8 +71,9 @@ def accuracy_of(predicted: jax.Array, labels: jax.Array, mask: jax.Array) -> jax
     return losses.token_mean((predicted == labels).astype(jnp.float32), mask)
 
 
-def accuracy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    return accuracy_of(jnp.argmax(logits, -1), labels, mask > 0)
+def accuracy(logits, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Top-1 accuracy of logits or a `losses.Head`."""
+    return accuracy_of(losses.top1(logits), labels, mask > 0)
 
 
 def router_terms(router_logits, expert_indices, mask: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -93,13 +95,13 @@ def expert_load(counts: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- kinds
 
 def _forward_pass(plan: TeacherPlan, params, mb: Batch) -> TeacherPass:
-    out = forward(plan.graph, params, mb, plan.sharding)
+    out = forward(plan.graph, params, mb, plan.sharding, fused_head=plan.fused_head)
     return TeacherPass(out.logits, out.router_logits, out.expert_indices, out.expert_counts, None)
 
 
 def _differentiable_pass(plan: TeacherPlan, params, mb: Batch) -> TeacherPass:
     def teacher_forward(params):
-        out = forward(plan.graph, params, mb, plan.sharding)
+        out = forward(plan.graph, params, mb, plan.sharding, fused_head=plan.fused_head)
         return (out.logits, out.router_logits), (out.expert_indices, out.expert_counts)
     (logits, router), pullback, (indices, counts) = jax.vjp(teacher_forward, params, has_aux=True)
     return TeacherPass(logits, router, indices, counts, pullback)
@@ -148,8 +150,8 @@ def _learn_cached(plan: TeacherPlan, teacher: TeacherPass, mb: Batch, student_lo
 
 
 def _evaluate_model(plan: TeacherPlan, params, batch: Batch):
-    logits = forward(plan.graph, params, batch, plan.sharding).logits
-    return logits, jnp.argmax(logits, -1), losses.cross_entropy(logits, batch["labels"], mask=batch["mask"] > 0)
+    logits = forward(plan.graph, params, batch, plan.sharding, fused_head=plan.fused_head).logits
+    return logits, losses.top1(logits), losses.cross_entropy(logits, batch["labels"], mask=batch["mask"] > 0)
 
 
 def _evaluate_cached(plan: TeacherPlan, params, batch: Batch):
@@ -195,7 +197,7 @@ def target_params(plan: TeacherPlan, state: TrainState):
 class Targets(NamedTuple):
     """What the students distil from on a micro-batch, without gradient."""
 
-    logits: Any  # [rows, seq, V], or a losses.SparseTeacher
+    logits: Any  # [rows, seq, V], a losses.Head, or a losses.SparseTeacher
     router_logits: jax.Array | None  # [L_moe, rows * seq, E]; None for a cached teacher
     judgement: tuple | None  # (log p_T(label), top-1) per token when a student filters rows by difficulty
 
@@ -204,7 +206,7 @@ def distillation_targets(plan: TeacherPlan, state: TrainState, mb: Batch, teache
                          with_students: bool, judge: bool) -> Targets:
     """The teacher's own pass, or the separate target's forward; with `judge`, its judgement of the rows."""
     if plan.target.separate and with_students:
-        out = forward(plan.graph, state.target, mb, plan.sharding)
+        out = forward(plan.graph, state.target, mb, plan.sharding, fused_head=plan.fused_head)
         logits, router = out.logits, out.router_logits
     else:
         logits, router = teacher.logits, teacher.router_logits
@@ -216,4 +218,4 @@ def teacher_judgement(target, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(log p_T(label), the teacher's top-1) per token, what difficulty filtering scores rows by."""
     if isinstance(target, losses.SparseTeacher):  # a cache holds the label's log-probability
         return batch["teacher_label_log_prob"], target.indices[..., 0]
-    return -losses.cross_entropy(target, batch["labels"], mask=batch["mask"] > 0), jnp.argmax(target, -1)
+    return -losses.cross_entropy(target, batch["labels"], mask=batch["mask"] > 0), losses.top1(target)

@@ -109,7 +109,7 @@ def _student_gradients(plan: StepPlan, state: TrainState, index: int, mb: Batch,
     if sp.on_policy_rows:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(plan.seed), state.step), turn.stream)
         score = lambda rows: forward(plan.teacher.graph, target_params(plan.teacher, state), rows,  # noqa: E731
-                                     plan.teacher.sharding)
+                                     plan.teacher.sharding, fused_head=plan.teacher.fused_head)
         write = lambda: with_written_rows(sp, params, mb, targets, score, key)  # noqa: E731
         if sp.loss.on_policy.start_step:  # off-policy (no sampling at all) before it
             mb, targets = jax.lax.cond(turn.writing, write, lambda: (mb, targets))
