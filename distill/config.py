@@ -67,9 +67,10 @@ class LossConfig:
     teacher_tail: Literal["uniform", "renormalize"] = "uniform"  # the mass outside a top-k (losses.SparseTeacher)
     filter: FilterConfig = field(default_factory=FilterConfig)  # drop the easiest rows (losses.filtering)
     on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)  # rows the student writes (distill.onpolicy)
-    fused_head: bool = True  # the losses form the logits chunk by chunk from the final hidden states (losses.Head):
-    # no [tokens, vocab] logits; false: the model returns full logits (the same values to float32 rounding).
-    # The run's loss section decides for the teacher, each student's for itself
+    fused_head: bool = False  # true: the losses form the logits chunk by chunk from the final hidden states
+    # (losses.Head), no [tokens, vocab] logits, for real vocabularies (docs/losses.md); false: the model returns full
+    # logits (the same values to float32 rounding; faster while they fit). The run's loss section decides for the
+    # teacher, each student's for itself
 
     def __post_init__(self):
         if self.kd not in KD_TERMS:

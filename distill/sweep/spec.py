@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from distill.configtools import load_yaml
 from distill.errors import ConfigError
 
 SEED_KEY = "train.seed"
@@ -231,7 +232,7 @@ def format_value(value: Any) -> str:
 
 def _reads_back(text: str, value: Any) -> bool:
     try:
-        back = yaml.safe_load(text)
+        back = load_yaml(text)
     except yaml.YAMLError:
         return False
     same = back == value or (isinstance(value, float) and math.isnan(value) and isinstance(back, float) and math.isnan(back))

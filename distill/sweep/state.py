@@ -16,6 +16,7 @@ import yaml
 
 from distill import rundir
 from distill.config import Config, build_config, save_config
+from distill.configtools import load_yaml
 from distill.errors import ConfigError
 from distill.experiment import resolve
 from distill.guards import EXIT_CODES
@@ -62,7 +63,7 @@ class Sweep:
 
 def _read_yaml(path: Path, what: str) -> Any:
     try:
-        return yaml.safe_load(path.read_text())
+        return load_yaml(path.read_text())
     except yaml.YAMLError as error:
         raise SweepError(f"{what} {path}: not valid YAML ({error})") from None
 

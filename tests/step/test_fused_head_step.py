@@ -1,4 +1,4 @@
-"""The fused LM head in the whole step (loss.fused_head, the default): the same losses, metrics and
+"""The fused LM head in the whole step (loss.fused_head: true): the same losses, metrics and
 updated parameters as the unfused step (full logits), to float32 rounding, for teacher and students."""
 
 from __future__ import annotations
