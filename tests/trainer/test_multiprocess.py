@@ -43,6 +43,7 @@ def losses(run_dir: Path) -> dict[tuple[int, str], float]:
             if isinstance(value, float) and not key.startswith("perf/")}
 
 
+@pytest.mark.slow  # 2 processes compiling 3 programs each: 6-9 min on 2 loaded cores
 def test_a_two_process_job_runs_and_only_process_0_writes(tmp_path):
     result = launched(tmp_path / "run", "train.steps=6")
     assert result.returncode == 0, result.stderr[-3000:]
