@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from distill import rundir
-from distill.checkpoint import Checkpoints, CheckpointWriteError, check_shapes, committed_steps
+from distill.checkpoint import Checkpoints, CheckpointWriteError, check_shapes, committed_steps, library_log
 from distill.compile_cache import use_compilation_cache
 from distill.config import Config
 from distill.data import Data, build_data
@@ -21,6 +21,7 @@ from distill.guards import StopSignals
 from distill.hooks import (
     Checkpointing,
     Evaluation,
+    FailedSave,
     FilteredRows,
     Histograms,
     MetricsLog,
@@ -62,8 +63,10 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     if cfg.teacher.source == "run" and (not saved or on_changed_config == "new"):  # a fresh start reads it:
         check_teacher_checkpoint(cfg.teacher.path, placed.shapes.teacher.params)  # refuse a misfit teacher now
     existing, lock = rundir.prepare(cfg, on_changed_config)  # once the config places on this mesh
+    log = rundir.LIBRARY_LOG if jax.process_index() == 0 else f"{rundir.LIBRARY_LOG}.{jax.process_index()}"
     try:
-        return _train(Run(exp, placed, data, existing, stop_after, started))
+        with library_log(cfg.run.path / log):
+            return _train(Run(exp, placed, data, existing, stop_after, started))
     finally:
         if lock:
             lock.release()
@@ -157,6 +160,7 @@ class Session:
         if self.start == 0:
             self.logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
         self.stops = StopRequests(cfg.train.steps, self.start, run.stop_after)
+        self.reached = self.start  # steps completed so far
         self.evaluation = Evaluation(validation_sums(jit_eval(placed), validation_batches(run, cache)),
                                      cfg.train.eval_every, self.logger, self.progress)
         self.hooks = self._hooks()
@@ -167,8 +171,9 @@ class Session:
         prompts = {s.name: s.loss.on_policy.prompt_tokens for s in self.run.exp.students}
         array_logs = [FilteredRows(logger, self.batches.rows, tokenizer), WrittenRows(logger, prompts, tokenizer),
                       Histograms(logger)]
-        return [NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train, self.checkpoints,
-                               progress),
+        return [FailedSave(self.checkpoints),
+                NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train, self.checkpoints,
+                               progress, self.start),
                 MetricsLog(logger, progress, train.log_every, cfg.data.batch_size * cfg.data.seq_len, array_logs,
                            self.start),
                 self.evaluation,
@@ -191,6 +196,7 @@ class Session:
         for step in range(self.start, steps):
             host_batch, batch = self.batches.take(step)
             self.state, metrics = (self.teacher_step if step < warmup else self.full_step)(self.state, batch)
+            self.reached = step + 1
             end = StepEnd(step + 1, step + 1 == steps, self.state, metrics, host_batch)
             stop = after_step(self.hooks, end) or self.stops.reason(end.done)
             if stop:
@@ -204,8 +210,10 @@ class Session:
         """Close the checkpoints and logs; summary.json's content (written by process 0)."""
         self.checkpoints.close()
         self.progress.close()
+        committed = committed_steps(self.checkpoints.directory)
         summary = rundir.summary(self.run.cfg, status, self.evaluation.latest, wall_seconds=time.time() - self.run.started,
-                                 train_seconds=self.trained_before + train_seconds, resumed_from=self.start)
+                                 train_seconds=self.trained_before + train_seconds, resumed_from=self.start,
+                                 checkpoint=committed[-1] if committed else None)
         if self.writer:
             rundir.write_summary(self.run.cfg.run.path, summary)
         self.logger.finish({**self.evaluation.latest, **rundir.control_gains(summary)})
@@ -213,22 +221,27 @@ class Session:
         return summary
 
 
+FAILURES = ("failed", "nonfinite", "save_failed")
+"""Statuses whose message, not the table of a run cut short, is the command's last word."""
+
+
 def _train(run: Run) -> dict:
     session = Session(run)
-    status, started, ended = "failed", time.time(), None
+    status, started, ended, failure = "failed", time.time(), None, None
     try:
         status, ended = session.loop()
     except CheckpointWriteError as error:
-        status = "save_failed"
-        print(f"\ndistill run: {error}", file=sys.stderr)
+        status, failure = "save_failed", f"distill run: stopped at step {session.reached}: {error}"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         trained = (ended or time.time()) - started if session.start < run.cfg.train.steps else 0.0
         summary = session.summary(status, trained)
-    if session.writer:
-        print(rundir.format_table(summary))
+    if session.writer and status not in FAILURES and any(v is not None for v in summary["bpb"].values()):
+        print(rundir.format_table(summary))  # not an empty one: a run stopped before its first evaluation
+    if failure:
+        print(f"\n{failure}", file=sys.stderr)
     return summary
 
 
