@@ -20,6 +20,7 @@ import gc
 import logging
 import shutil
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -131,6 +132,8 @@ class Checkpoints:
     def _write_error(self, step: int, error: Exception) -> CheckpointWriteError:
         """The error for a failed save at `step`, after removing its partial (temporary) files."""
         self._failed = True
+        # the failed save's abandoned write coroutines are collected at exit, each warning it was never awaited
+        warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
         for partial in self.directory.glob(f"{step}.*tmp*"):
             shutil.rmtree(partial, ignore_errors=True)
         intact = [s for s in committed_steps(self.directory) if s != step]
