@@ -13,7 +13,7 @@ from distill import compare, launch, runs, sweep, tb
 from distill.config import load_config
 from distill.errors import ConfigError
 from distill.guards import EXIT_CODES
-from distill.hf import to_hf
+from distill.hf import check_export_target, to_hf
 from distill.trainer import run as run_experiment
 from teacher.cache_writer import write_cache
 
@@ -59,6 +59,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    check_export_target(args.hf, args.overwrite)  # before the checkpoint is read
     cfg, step, teacher, students = runs.load_models(args.run_dir)
     name = args.model or next((s.name for s in cfg.students if not s.control), cfg.students[0].name)
     if name == "teacher" and teacher is None:
@@ -69,7 +70,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"distill export: --model {name!r} is not in the run; choose teacher or one of "
               f"{', '.join(students)}", file=sys.stderr)
         return 2
-    out = to_hf(teacher if name == "teacher" else students[name], args.hf)
+    out = to_hf(teacher if name == "teacher" else students[name], args.hf, overwrite=args.overwrite)
     print(f"exported {name} (step {step}) to {out}: Llama4ForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's student (or teacher) as a transformers checkpoint")
     export.add_argument("run_dir")
     export.add_argument("--hf", required=True, metavar="OUT", help="output directory (must be new or empty)")
+    export.add_argument("--overwrite", action="store_true", help="write into a non-empty --hf directory")
     export.add_argument("--model", default=None, help="student name or 'teacher' (default: the first "
                                                       "non-control student)")
     export.set_defaults(handler=_export)

@@ -29,11 +29,19 @@ from distill.optim import OptimConfig
 from losses import KD_TERMS, FilterConfig, WeightingConfig
 
 
+MAX_NAME_LENGTH = 100
+"""Characters of a name that becomes a path component (file systems allow 255 bytes in all)."""
+
+
 def check_path_name(field_name: str, value, purpose: str) -> None:
-    """A name that becomes part of a path or tag: one safe component (no `/`, `..` or leading dot)."""
+    """A name that becomes part of a path or tag: one safe component (no `/`, `..` or leading dot)
+    of at most `MAX_NAME_LENGTH` characters."""
     if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", value):
         raise ConfigError(f"{field_name}={value!r}: letters, digits and ._+- only, starting with a letter or "
                           f"digit ({purpose})")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ConfigError(f"{field_name}={value[:20]!r}... ({len(value)} characters): at most {MAX_NAME_LENGTH} "
+                          f"characters ({purpose}); choose a shorter name")
 
 
 @dataclass(frozen=True)
@@ -186,12 +194,19 @@ class TrainConfig:
     keep_checkpoints: int = 2  # checkpoints kept (max_to_keep)
     on_nonfinite: Literal["skip", "stop"] = "skip"  # a NaN/inf gradient: skip that model's update (counted
     # in <model>/skipped_updates), or stop at the next log or checkpoint step, leaving the last checkpoint intact
+    max_skipped_fraction: float = 0.2  # on_nonfinite=skip: stop (exit 3) when a model's skipped updates
+    # exceed this fraction of skip_window steps (a diverged run skips most of them); 1: never stop
+    skip_window: int = 50  # the last this many steps, counted at log and checkpoint steps
     debug_nonfinite_step: int | None = None  # testing hook: every gradient is NaN at this step
 
     def __post_init__(self):
-        for name in ("steps", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "grad_accum", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "skip_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 1")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigError(f"train.max_skipped_fraction={self.max_skipped_fraction}: must be in [0, 1] (a fraction "
+                              "of train.skip_window's steps; 1 never stops)")
         if self.eval_batches < 0:
             raise ConfigError(f"train.eval_batches={self.eval_batches}: must be >= 0")
 

@@ -111,8 +111,11 @@ def convert(value: Any, tp, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{path}={value!r}: expected an integer")
+                value = int(value)
+            else:
+                raise ConfigError(f"{path}={shortened(repr(value))}: expected an integer")
+        if not -2**63 <= value < 2**63:
+            raise ConfigError(f"{path}={shortened(str(value))}: out of range (a 64-bit integer at most)")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -156,21 +159,36 @@ def to_dict(obj) -> Any:
     return obj
 
 
+def shortened(text: str, keep: int = 40) -> str:
+    """`text`, or its start and its length when longer than `keep` characters (a message stays one line)."""
+    text = str(text)
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text)} characters)"
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """`a.b.c=value` -> ("a.b.c", value parsed as YAML)."""
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML); a ConfigError (one line) when the value
+    does not parse (bad YAML, an integer of more digits than Python converts)."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected dotted.key=value, e.g. train.steps=50")
+        raise ConfigError(f"override {shortened(text)!r}: expected dotted.key=value, e.g. train.steps=50")
     key, raw = text.split("=", 1)
-    return key.strip(), load_yaml(raw) if raw.strip() else ""
+    try:
+        return key.strip(), load_yaml(raw) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError) as error:
+        raise ConfigError(f"{key.strip()}={shortened(raw)}: not a value ({_one_line(error)}); give a number, a "
+                          "string, or a YAML list or mapping in quotes, e.g. 'a.b=[1, 2]'") from None
 
 
 def read_config_mapping(path: Path, where: str) -> dict:
-    """A YAML file of config sections as a mapping; a ConfigError starting with `where` when it does
-    not parse or is not a mapping."""
+    """A YAML file of config sections as a mapping; a ConfigError (one line) starting with `where`
+    when it does not parse or is not a mapping."""
     try:
         raw = load_yaml(Path(path).read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{where}: not valid YAML ({error})") from None
+    except (yaml.YAMLError, ValueError) as error:
+        raise ConfigError(f"{where}: not valid YAML ({_one_line(error)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of sections at the top level")
     return raw

@@ -263,14 +263,24 @@ def from_hf(path_or_model, *, allow_pickle: bool = False, **config_overrides) ->
     return model
 
 
+def check_export_target(out_dir, overwrite: bool) -> Path:
+    """`out_dir` as a Path; FileExistsError when it is a file, or a non-empty directory without
+    `overwrite` (the CLI's --overwrite)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a directory; choose a new directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose a new directory, or pass --overwrite (overwrite=True "
+                              "in Python) to write over its files")
+    return out
+
+
 def to_hf(model: Transformer, out_dir, *, overwrite: bool = False) -> Path:
     """Write `model` as a transformers `Llama4ForCausalLM` directory (config.json + safetensors).
 
     Refuses a non-empty `out_dir` unless `overwrite=True`.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} is not empty; choose a new directory or pass overwrite=True")
+    out = check_export_target(out_dir, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     hf_config = config_to_hf(model.cfg)
     hf_config.architectures = ["Llama4ForCausalLM"]

@@ -1,8 +1,8 @@
 """What the training loop does after a step, each thing a small hook with its own schedule.
 
 A hook is called with the step's `StepEnd` when `due(end)` says so; it may return a status that
-stops the run at once (before the hooks after it). The loop runs, in order: `NonFiniteGuard`
-(skipped updates: warn, or stop), `MetricsLog` (scalars to metrics.jsonl, TensorBoard and the
+stops the run at once (before the hooks after it). The loop runs, in order: `FailedSave` (a failed
+asynchronous save stops the run), `NonFiniteGuard` (skipped updates: warn, or stop), `MetricsLog` (scalars to metrics.jsonl, TensorBoard and the
 progress line, with what `ArrayLog`s make of the step's array metrics: expert-load histograms,
 difficulty filtering's rows, on-policy text), `Evaluation` and `Checkpointing`.
 """
@@ -52,16 +52,35 @@ def every(interval: int, end: StepEnd) -> bool:
     return end.done % interval == 0 or end.final
 
 
+class FailedSave:
+    """After every step: an asynchronous save that has failed since (disk full, quota) raises its
+    `CheckpointWriteError` here, so the run stops at the next step rather than at the next save
+    or the end (a look at a flag; a save still running is not waited for)."""
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+
+    def due(self, end: StepEnd) -> bool:
+        return True
+
+    def __call__(self, end: StepEnd) -> None:
+        self.checkpoints.raise_if_failed()
+
+
 class NonFiniteGuard:
     """At log and checkpoint steps, what was skipped for a non-finite gradient since the last look
-    (a small device read): a warning, or the status "nonfinite" with `on_nonfinite="stop"`, which
-    stops the run before it saves (the last checkpoint stays intact)."""
+    (a small device read): a warning; or the status "nonfinite", which stops the run before it
+    saves (the last checkpoint stays intact), with `on_nonfinite="stop"` at the first skip, and with
+    "skip" once a model's skips over the last `skip_window` steps exceed `max_skipped_fraction` of
+    them (a run that diverged and skips most updates)."""
 
     def __init__(self, names: list[str], state: TrainState, train: TrainConfig, checkpoints: Checkpoints,
-                 progress: Progress):
+                 progress: Progress, start: int):
         self.names, self.log_every, self.checkpoint_every = names, train.log_every, train.checkpoint_every
         self.stop, self.checkpoints, self.progress = train.on_nonfinite == "stop", checkpoints, progress
+        self.window, self.max_fraction = train.skip_window, train.max_skipped_fraction
         self.skipped = np.asarray(jax.device_get(state.skipped))
+        self.seen = [(start, self.skipped)]  # (step, skip counts) at each look, back to skip_window steps ago
 
     def due(self, end: StepEnd) -> bool:
         return end.done % self.log_every == 0 or every(self.checkpoint_every, end)
@@ -70,16 +89,35 @@ class NonFiniteGuard:
         skipped, last = (np.asarray(x) for x in jax.device_get((end.state.skipped, end.state.last_skipped)))
         new = [f"{self.names[i]} (step {last[i]}, {skipped[i]} so far)" for i in np.flatnonzero(skipped > self.skipped)]
         self.skipped = skipped
+        self.seen.append((end.done, skipped))
         if not new:
             return None
         problem = f"non-finite gradient, update skipped: {', '.join(new)}"
         if self.stop:
-            print(f"distill run: {problem}; train.on_nonfinite=stop, so the run stops at step {end.done} without "
-                  f"saving: the last checkpoint (step {self.checkpoints.latest_step()}) is intact. Fix the cause, or "
-                  "resume with train.on_nonfinite=skip", file=sys.stderr)
+            self._refuse(f"{problem}; train.on_nonfinite=stop, so", end, "resume with train.on_nonfinite=skip")
+            return "nonfinite"
+        runaway = self._runaway(end.done, skipped)
+        if runaway:
+            self._refuse(f"runaway non-finite gradients: {runaway} (more than train.max_skipped_fraction="
+                         f"{self.max_fraction} of train.skip_window={self.window} steps), so", end,
+                         "lower optim.learning_rate, or raise train.max_skipped_fraction")
             return "nonfinite"
         self.progress.message(f"step {end.done}: warning: {problem}")
         return None
+
+    def _runaway(self, done: int, skipped: np.ndarray) -> str:
+        """'teacher skipped 9 of the last 10 steps, ...' for each model past the limit ('' for none),
+        counted from the newest look at least `window` steps back (or the first)."""
+        while len(self.seen) > 1 and self.seen[1][0] <= done - self.window:
+            self.seen.pop(0)
+        since, before = self.seen[0]
+        counts = skipped - before
+        over = [i for i in range(len(self.names)) if counts[i] > self.max_fraction * max(done - since, self.window)]
+        return ", ".join(f"{self.names[i]} skipped {counts[i]} of the last {done - since} steps' updates" for i in over)
+
+    def _refuse(self, problem: str, end: StepEnd, fix: str) -> None:
+        print(f"distill run: {problem} the run stops at step {end.done} without saving: the last checkpoint (step "
+              f"{self.checkpoints.latest_step()}) is intact. Fix the cause, or {fix}", file=sys.stderr)
 
 
 class ArrayLog(Protocol):

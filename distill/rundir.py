@@ -8,7 +8,8 @@ summary's schema and which control each student is compared with.
     RUN_DIR/tb/<model>/       a sub-run per model (teacher, each student): its metrics under
                               model-free tags (`tensorboard_route`), one line per model per chart
     RUN_DIR/checkpoints/<s>/  orbax checkpoints, one folder per kept step (`distill.checkpoint`)
-    RUN_DIR/summary.json      final metrics, wall time, status (`summary`)
+    RUN_DIR/summary.json      final metrics, wall time, status, newest checkpoint (`summary`)
+    RUN_DIR/orbax.log         orbax's own log messages and tracebacks (`distill.checkpoint.library_log`)
     RUN_DIR/.lock             held by the process that trains the run (`distill.guards.RunLock`)
 
 Everything that reads or writes a run directory (the trainer, `distill.runs`, the sweep, the HF
@@ -18,6 +19,7 @@ import) takes these names and rules from here.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,7 @@ from distill.job import from_process_0
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+LIBRARY_LOG = "orbax.log"
 MODEL_BOARDS_DIR = "tb"
 ON_CHANGED_CONFIG = ("refuse", "resume", "new")
 
@@ -74,15 +77,17 @@ def run_config(run_dir: str | Path) -> Config:
 # ----------------------------------------------------------------------------- the summary
 
 def summary(cfg: Config, status: str, final: dict, *, wall_seconds: float, train_seconds: float,
-            resumed_from: int) -> dict:
-    """summary.json's content. `status` is one of distill.guards.EXIT_CODES; `bpb` holds every
-    model's final validation bits per byte (None when not evaluated); `controls` the students
-    trained on hard labels only; `final` every final validation metric. `wall_seconds`: the last
-    command; `train_seconds`: the training loop summed over every command that trained the run."""
+            resumed_from: int, checkpoint: int | None) -> dict:
+    """summary.json's content. `status` is one of distill.guards.EXIT_CODES; `steps` the steps the
+    config asks for; `checkpoint` the newest intact (committed) checkpoint's step, where a rerun
+    resumes (None: none); `bpb` holds every model's final validation bits per byte (None when not
+    evaluated); `controls` the students trained on hard labels only; `final` every final
+    validation metric. `wall_seconds`: the last command; `train_seconds`: the training loop summed
+    over every command that trained the run."""
     bpb = {"teacher": final.get("eval/teacher/bpb")}
     bpb.update({s.name: final.get(f"eval/student/{s.name}/bpb") for s in cfg.students})
-    return {"status": status, "run_dir": str(cfg.run.path), "steps": cfg.train.steps, "resumed_from": resumed_from,
-            "wall_seconds": wall_seconds, "train_seconds": train_seconds, "bpb": bpb,
+    return {"status": status, "run_dir": str(cfg.run.path), "steps": cfg.train.steps, "checkpoint": checkpoint,
+            "resumed_from": resumed_from, "wall_seconds": wall_seconds, "train_seconds": train_seconds, "bpb": bpb,
             "controls": [s.name for s in cfg.students if s.control], "final": final}
 
 
@@ -234,7 +239,26 @@ def prepare(cfg: Config, on_changed_config: str) -> tuple[bool, RunLock | None]:
     return existing, lock
 
 
+def check_writable(run_dir: Path) -> None:
+    """ConfigError unless `run_dir` is a directory this process can write, or can be made as one:
+    not a file, not under a file, not on a read-only file system or without permission."""
+    where = f"run.dir={str(run_dir)!r}"
+    try:
+        existing = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    except OSError as error:  # e.g. a component longer than the file system allows
+        raise ConfigError(f"{where}: not a usable path ({error.strerror}); choose another run.dir") from None
+    if existing == run_dir and not run_dir.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory; choose another run.dir")
+    if not existing.is_dir():
+        raise ConfigError(f"{where}: {existing} is a file, so no directory can be made under it; choose another "
+                          "run.dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {existing} is not writable (a read-only file system, or no permission); "
+                          "choose another run.dir")
+
+
 def _prepare_as_writer(cfg: Config, run_dir: Path, on_changed_config: str) -> tuple[bool, RunLock]:
+    check_writable(run_dir)
     config_file = run_dir / CONFIG_FILE
     occupied = run_dir.exists() and any(run_dir.iterdir())
     if on_changed_config == "resume" and not config_file.is_file():
@@ -247,7 +271,11 @@ def _prepare_as_writer(cfg: Config, run_dir: Path, on_changed_config: str) -> tu
         _move_aside(run_dir)
     if on_changed_config == "refuse" and config_file.is_file():
         _refuse_changes(cfg, run_dir)  # before touching anything (the lock file too)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # what check_writable cannot see in advance (a quota, a name too long)
+        raise ConfigError(f"run.dir={str(run_dir)!r}: cannot be made ({error.strerror}); choose another run.dir") \
+            from None
     lock = RunLock(run_dir)
     lock.acquire()  # before anything in the directory changes
     try:

@@ -96,8 +96,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, allow_pickle: bool = F
     """Convert a HF directory once into a teacher run directory (config.yaml + checkpoint 0),
     usable as `teacher.source: run, teacher.path: OUT` without torch at training time."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} is {'not empty' if out.is_dir() else 'a file'}; choose a new directory")
     model = from_hf(hf_dir, allow_pickle=allow_pickle)
     out.mkdir(parents=True, exist_ok=True)
     config = {"teacher": {"preset": None, "model": model.cfg.to_dict()}, "imported_from": str(Path(hf_dir).absolute())}

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 from distill import rundir
-from distill.checkpoint import Checkpoints, CheckpointWriteError, check_shapes, committed_steps
+from distill.checkpoint import Checkpoints, CheckpointWriteError, check_shapes, committed_steps, library_log
 from distill.compile_cache import use_compilation_cache
 from distill.config import Config
 from distill.data import Data, build_data
@@ -21,6 +21,7 @@ from distill.guards import StopSignals
 from distill.hooks import (
     Checkpointing,
     Evaluation,
+    FailedSave,
     FilteredRows,
     Histograms,
     MetricsLog,
@@ -63,8 +64,10 @@ def run(cfg: Config, *, stop_after: int | None = None, on_changed_config: str = 
     if cfg.teacher.source == "run" and (not saved or on_changed_config == "new"):  # a fresh start reads it:
         check_teacher_checkpoint(cfg.teacher.path, placed.shapes.teacher.params)  # refuse a misfit teacher now
     existing, lock = rundir.prepare(cfg, on_changed_config)  # once the config places on this mesh
+    log = rundir.LIBRARY_LOG if jax.process_index() == 0 else f"{rundir.LIBRARY_LOG}.{jax.process_index()}"
     try:
-        return _train(Run(exp, placed, data, existing, stop_after, started))
+        with library_log(cfg.run.path / log):
+            return _train(Run(exp, placed, data, existing, stop_after, started))
     finally:
         if lock:
             lock.release()
@@ -160,6 +163,7 @@ class Session:
         if self.start == 0:
             self.logger.log_text(0, "config", yaml.safe_dump(cfg.to_dict(), sort_keys=False), preformatted=True)
         self.stops = StopRequests(cfg.train.steps, self.start, run.stop_after)
+        self.reached = self.start  # steps completed so far
         self.evaluation = Evaluation(validation_sums(compiled_together(jit_eval(placed), "evaluation"),
                                                      validation_batches(run, cache)),
                                      cfg.train.eval_every, self.logger, self.progress)
@@ -171,8 +175,9 @@ class Session:
         prompts = {s.name: s.loss.on_policy.prompt_tokens for s in self.run.exp.students}
         array_logs = [FilteredRows(logger, self.batches.rows, tokenizer), WrittenRows(logger, prompts, tokenizer),
                       Histograms(logger)]
-        return [NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train, self.checkpoints,
-                               progress),
+        return [FailedSave(self.checkpoints),
+                NonFiniteGuard(["teacher"] + [s.name for s in cfg.students], self.state, train, self.checkpoints,
+                               progress, self.start),
                 MetricsLog(logger, progress, train.log_every, cfg.data.batch_size * cfg.data.seq_len, array_logs,
                            self.start),
                 self.evaluation,
@@ -195,6 +200,7 @@ class Session:
         for step in range(self.start, steps):
             host_batch, batch = self.batches.take(step)
             self.state, metrics = (self.teacher_step if step < warmup else self.full_step)(self.state, batch)
+            self.reached = step + 1
             end = StepEnd(step + 1, step + 1 == steps, self.state, metrics, host_batch)
             stop = after_step(self.hooks, end) or self.stops.reason(end.done)
             if stop:
@@ -218,8 +224,10 @@ class Session:
         if status != "process_lost":
             self.checkpoints.close()
         self.progress.close()
+        committed = committed_steps(self.checkpoints.directory)
         summary = rundir.summary(self.run.cfg, status, self.evaluation.latest, wall_seconds=time.time() - self.run.started,
-                                 train_seconds=self.trained_before + train_seconds, resumed_from=self.start)
+                                 train_seconds=self.trained_before + train_seconds, resumed_from=self.start,
+                                 checkpoint=committed[-1] if committed else None)
         if self.writer:
             rundir.write_summary(self.run.cfg.run.path, summary)
         self.logger.finish({**self.evaluation.latest, **rundir.control_gains(summary)})
@@ -227,9 +235,13 @@ class Session:
         return summary
 
 
+FAILURES = ("failed", "nonfinite", "save_failed", "process_lost")
+"""Statuses whose message, not the table of a run cut short, is the command's last word."""
+
+
 def _train(run: Run) -> dict:
     session = Session(run)
-    status, started, ended = "failed", time.time(), None
+    status, started, ended, failure = "failed", time.time(), None, None
     try:
         status, ended = session.loop()
     except KeyboardInterrupt:
@@ -240,12 +252,15 @@ def _train(run: Run) -> dict:
         if lost is None and not isinstance(error, CheckpointWriteError):
             raise
         status = "save_failed" if lost is None else "process_lost"
-        print(f"\ndistill run: {error if lost is None else session.lost_message(lost)}", file=sys.stderr)
+        failure = (f"distill run: stopped at step {session.reached}: {error}" if lost is None
+                   else f"distill run: {session.lost_message(lost)}")
     finally:
         trained = (ended or time.time()) - started if session.start < run.cfg.train.steps else 0.0
         summary = session.summary(status, trained)
-    if session.writer and status != "process_lost":
-        print(rundir.format_table(summary))
+    if session.writer and status not in FAILURES and any(v is not None for v in summary["bpb"].values()):
+        print(rundir.format_table(summary))  # not an empty one: a run stopped before its first evaluation
+    if failure:
+        print(f"\n{failure}", file=sys.stderr)
     return summary
 
 

@@ -83,7 +83,7 @@ def restore_teacher_params(run_dir: str | Path, target, step: int | None = None)
     with checkpoint.read_only(directory, step, where) as (manager, step):
         _check_teacher_shapes(directory, step, target, where)
         try:
-            restored = checkpoint.restore_subtree(manager, step, PARAMS, nnx.to_pure_dict(target))
+            restored = checkpoint.restore_subtree(manager, step, PARAMS, nnx.to_pure_dict(target), where)
         except (KeyError, ValueError) as error:
             raise ConfigError(f"{where}: its checkpoint's teacher does not match teacher.model ({error})") from None
     params = jax.tree.map(lambda leaf: leaf, target)

@@ -8,6 +8,7 @@ Each case also leaves a record (input, exit code, message) for docs/reliability.
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -170,6 +171,31 @@ CASES = {
     "on-policy-prompt": Case("on-policy prompt as long as the rows (`loss.on_policy={{fraction: 0.5, prompt_tokens: 32}}`)",
                              run_cmd("loss.on_policy={{fraction: 0.5, prompt_tokens: 32}}"),
                              ("loss.on_policy.prompt_tokens=32", "shorter than data.seq_len (32)")),
+    "run-dir-file": Case("`run.dir` naming an existing regular file", run_cmd(),
+                         ("run.dir=", "is a file, not a directory", "choose another run.dir"),
+                         setup=lambda work: (work / "run").write_text("a user's file")),
+    "run-dir-under-file": Case("`run.dir` under a regular file", lambda work: run_cmd()(work)[:2] + [
+                               f"run.dir={work / 'file' / 'run'}"],
+                               ("run.dir=", "is a file, so no directory can be made under it", "choose another run.dir"),
+                               setup=lambda work: (work / "file").write_text("a user's file")),
+    "run-name-long": Case("a 300-character `run.name`", lambda work: ["run", str(TINY), "run.name=" + "a" * 300],
+                          ("run.name='aaaa", "(300 characters): at most 100 characters", "choose a shorter name")),
+    "override-digits": Case("a 5,000-digit override value (`train.steps=111...`)", run_cmd("train.steps=" + "1" * 5000),
+                            ("train.steps=1111", "(5000 characters): not a value", "Exceeds the limit")),
+    "override-yaml": Case("an override value that is not YAML (`train.steps=[1,`)", run_cmd("train.steps=[1,"),
+                          ("train.steps=[1,: not a value", "in quotes")),
+    "override-huge-int": Case("an integer beyond 64 bits (`train.steps=` 30 nines)", run_cmd("train.steps=" + "9" * 30),
+                              ("train.steps=999", "out of range")),
+    "skip-fraction": Case("`train.max_skipped_fraction=1.5`", run_cmd("train.max_skipped_fraction=1.5"),
+                          ("train.max_skipped_fraction=1.5", "must be in [0, 1]")),
+    "export-to-file": Case("`distill export RUN --hf FILE` (a regular file)",
+                           lambda work: ["export", str(work / "run"), "--hf", str(work / "model.bin")],
+                           ("model.bin is a file, not a directory", "choose a new directory"),
+                           setup=lambda work: (work / "model.bin").write_text("a user's file")),
+    "export-non-empty": Case("`distill export RUN --hf DIR` where DIR holds files",
+                             lambda work: ["export", str(work / "run"), "--hf", str(work / "out")],
+                             ("out is not empty", "--overwrite"),
+                             setup=lambda work: ((work / "out").mkdir(), (work / "out" / "notes.txt").write_text("x"))),
     "metap-base-key": Case("MetaP base with an unknown model field (`students.0.optim.metap_base={hidden: 8}`)",
                            run_cmd("students.0.optim={{metap_base: {{hidden: 8}}}}"),
                            ("students[0].optim.metap_base.hidden", "Did you mean 'hidden_size'?")),
@@ -194,6 +220,32 @@ def test_bad_input_is_refused_with_one_clear_message_and_nothing_written(name, t
     assert digests(work) == before, "the command wrote or changed files"
     reliability_record("bad_input", case=name, input=case.input, exit=code,
            message=message.replace(str(work), "WORK").replace(str(TINY.parent), "tests/configs"))
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder on a read-only bind mount (root ignores chmod; a read-only file system stops it too);
+    skipped where this process may not mount."""
+    source, mount = tmp_path / "source", tmp_path / "read-only"
+    source.mkdir()
+    mount.mkdir()
+    result = subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(mount)], capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"no read-only bind mount here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_run_dir_on_a_read_only_file_system_is_refused(read_only_folder, capsys, reliability_record):
+    code = cli.main(["run", str(TINY), f"run.dir={read_only_folder / 'run'}"])
+    message = capsys.readouterr().err.strip()
+    assert code == 2 and len(message.splitlines()) == 1, message
+    assert f"{read_only_folder} is not writable (a read-only file system, or no permission)" in message
+    assert not any(read_only_folder.iterdir())
+    reliability_record("bad_input", case="run-dir-read-only", input="`run.dir` on a read-only bind mount", exit=code,
+                       message=message.replace(str(read_only_folder), "RO"))
 
 
 def test_non_utf8_bytes_are_accepted_by_the_byte_tokenizer(tmp_path):

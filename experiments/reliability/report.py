@@ -1,7 +1,7 @@
 """Regenerate the tables of docs/reliability.md from the tests' own records.
 
     python experiments/reliability/report.py            # fault, bad-input and security tests
-    python experiments/reliability/report.py --slow     # also the 5x kill -9 trial (minutes)
+    python experiments/reliability/report.py --slow     # also the 20x kill -9 trial (minutes)
 
 Runs the tests with DISTILL_RELIABILITY_RECORDS set (each passing test appends what it did and
 saw), then rewrites the parts of docs/reliability.md between the `<!-- table:NAME -->` markers.

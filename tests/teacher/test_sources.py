@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,20 @@ def test_a_hf_teacher_is_converted_placed_and_the_students_start_as_with_any_tea
     scratch = initial_state(distill.load_config(SHARDED))
     for got, fresh in zip(jax.tree.leaves(state.students), jax.tree.leaves(scratch.students), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(fresh))
+
+
+def test_a_teacher_checkpoint_changed_on_disk_is_refused_by_its_checksums(source, tmp_path):
+    """8 bytes overwritten in the middle of each array data file of the source's checkpoint (sizes
+    kept): reading the teacher recomputes the checksums and refuses it with one line."""
+    copy = tmp_path / "source"
+    shutil.copytree(source, copy)
+    for path in (copy / "checkpoints" / "2" / "state" / "ocdbt.process_0" / "d").iterdir():
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 8] = bytes(b ^ 0x5A for b in data[len(data) // 2:len(data) // 2 + 8])
+        path.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=rf"teacher.path='{copy}': its checkpoint at step 2 is corrupted \(.*teacher"
+                                          r"\.params\..*rerun that run's `distill run` command"):
+        initial_state(from_run(copy))
 
 
 @pytest.mark.parametrize("override, message", [

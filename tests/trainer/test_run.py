@@ -169,7 +169,11 @@ def test_eval_export_and_import_hf_commands(tmp_path, capsys):
     assert exported.config.hidden_size == 16  # the distilled student
     # The same commands in-process (the subprocesses above prove the entry point; these save start-ups).
     assert distill_cli.main(["export", str(run_dir), "--hf", str(tmp_path / "hf")]) == 2
-    assert "not empty" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
+    distilled = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    assert distill_cli.main(["export", str(run_dir), "--hf", str(tmp_path / "hf"), "--model", "control",
+                             "--overwrite"]) == 0  # what the refusal suggests: the control's weights written over
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() != distilled
     assert distill_cli.main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
     # The imported directory is a teacher source; the exported student comes back as a frozen teacher.
     student_model = distill.resolve(distill.load_config(TINY)).students[0].model
