@@ -36,22 +36,16 @@ import subprocess
 import sys
 import time
 
-GIB = 2**30
-
-
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from _rss import GIB, REPO_ROOT, repo_pythonpath
+from _rss import process_memory as _vm
 
 
 def _abstract_inputs(tokens: int, vocab: int, hidden: int):
     import jax
     import jax.numpy as jnp
 
-    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)  # noqa: E731
+    bf16 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
     return (bf16(tokens, hidden), bf16(hidden, vocab), bf16(tokens, hidden), bf16(hidden, vocab),
             jax.ShapeDtypeStruct((tokens,), jnp.int32))
 
@@ -213,7 +207,7 @@ def main() -> None:
                      "--chunk-size", args.chunk_size, "--platform", args.platform,
                      *(["--no-run"] if args.no_run else []),
                      "--child", str(vocab), str(hidden), mode],
-                    check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo_root()},
+                    check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo_pythonpath()},
                 )
                 if done.returncode != 0:
                     print(f"| {vocab:,} | {hidden} | {mode} | failed (exit {done.returncode}): "
@@ -223,13 +217,6 @@ def main() -> None:
                 base = results.get("unfused", {})
                 ratio = (f"{r['seconds'] / base['seconds']:.2f}" if "seconds" in r and "seconds" in base else "")
                 print(_row(r, ratio), flush=True)
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _repo_root() -> str:
-    return os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])
 
 
 if __name__ == "__main__":

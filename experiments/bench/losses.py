@@ -26,15 +26,9 @@ import subprocess
 import sys
 import time
 
-GIB = 2**30
-
-
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+from _rss import GIB, REPO_ROOT, repo_pythonpath
+from _rss import process_memory as _vm
 
 
 def _inputs(tokens: int, vocab: int, seed: int):
@@ -133,19 +127,12 @@ def main() -> None:
             done = subprocess.run(
                 [sys.executable, __file__, "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                  "--child", str(vocab), mode],
-                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": _repo_root()},
+                capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo_pythonpath()},
             )
             if done.returncode != 0:
                 print(f"| {vocab:,} | {mode} | failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]} | | | |")
                 continue
             print(_row(json.loads(done.stdout.strip().splitlines()[-1])), flush=True)
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _repo_root() -> str:
-    return os.pathsep.join([REPO_ROOT, os.environ.get("PYTHONPATH", "")])
 
 
 if __name__ == "__main__":
