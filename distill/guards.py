@@ -28,22 +28,42 @@ class RunLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
+            holder = _pid_in(handle)
             handle.close()
             raise ConfigError(f"run.dir={str(self.path.parent)!r} is in use by another distill process "
-                              f"(pid {holder}); wait for it to finish, or choose another run.dir") from None
+                              f"(pid {holder if holder > 0 else 'unknown'}); wait for it to finish, or choose "
+                              "another run.dir") from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         self._file = handle
 
+    def holder(self) -> int | None:
+        """The pid holding the lock (-1 when its file does not say), or None when it is free."""
+        try:
+            with open(self.path) as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return _pid_in(handle)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        except OSError:
+            pass
+        return None
+
     def release(self) -> None:
         if self._file is not None:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+
+def _pid_in(handle) -> int:
+    """The pid a lock file holds (its holder wrote it), or -1."""
+    handle.seek(0)
+    text = handle.read().strip()
+    return int(text) if text.isdigit() else -1
 
 
 class StopSignals:

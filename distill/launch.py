@@ -17,19 +17,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+from distill.localhost import HOST, free_port
 
 
 def process_env(index: int, processes: int, port: int, devices: int | None, base=os.environ) -> dict[str, str]:
@@ -51,7 +44,7 @@ def command_line(command: list[str]) -> list[str]:
 def launch(command: list[str], processes: int, devices: int | None, log_dir: Path, grace: float = 60.0) -> int:
     """Run `command` as one job of `processes` local processes; returns its exit code."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    port, argv, children, logs = _free_port(), command_line(command), [], []
+    port, argv, children, logs = free_port(), command_line(command), [], []
     try:
         for index in range(processes):
             log = None if index == 0 else open(log_dir / f"process-{index}.log", "w")  # noqa: SIM115

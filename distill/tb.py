@@ -7,7 +7,6 @@ final metrics.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from distill.errors import ConfigError
-
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
+from distill.localhost import HOST, free_port
 
 
 def start(logdir: str | Path, port: int | None = None, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:

@@ -210,14 +210,6 @@ class Session:
                 return stop
         return "completed"
 
-    def lost_message(self, reason: str) -> str:
-        """What a process says when another process of its job is gone."""
-        steps = committed_steps(self.checkpoints.directory)
-        kept = f"its newest complete checkpoint is step {steps[-1]}" if steps else "it has no complete checkpoint yet"
-        return (f"process {jax.process_index()} of {jax.process_count()}: another process of this job stopped "
-                f"({reason}); this one stops too. The run directory is as it was: {kept}; start the same "
-                f"{jax.process_count()} processes again to resume")
-
     def summary(self, status: str, train_seconds: float) -> dict:
         """Close the checkpoints and logs; summary.json's content (written by process 0). With a
         process lost, the checkpoints are left as they are (closing them waits on the others)."""
@@ -239,9 +231,19 @@ FAILURES = ("failed", "nonfinite", "save_failed", "process_lost")
 """Statuses whose message, not the table of a run cut short, is the command's last word."""
 
 
+def lost_message(reason: str, checkpoint: int | None) -> str:
+    """What a process says when another process of its job is gone (`checkpoint`: the newest
+    complete one, summary.json's)."""
+    kept = f"its newest complete checkpoint is step {checkpoint}" if checkpoint is not None else \
+        "it has no complete checkpoint yet"
+    return (f"process {jax.process_index()} of {jax.process_count()}: another process of this job stopped "
+            f"({reason}); this one stops too. The run directory is as it was: {kept}; start the same "
+            f"{jax.process_count()} processes again to resume")
+
+
 def _train(run: Run) -> dict:
     session = Session(run)
-    status, started, ended, failure = "failed", time.time(), None, None
+    status, started, ended, failure, lost = "failed", time.time(), None, None, None
     try:
         status, ended = session.loop()
     except KeyboardInterrupt:
@@ -251,16 +253,15 @@ def _train(run: Run) -> dict:
         lost = lost_process(error)
         if lost is None and not isinstance(error, CheckpointWriteError):
             raise
-        status = "save_failed" if lost is None else "process_lost"
-        failure = (f"distill run: stopped at step {session.reached}: {error}" if lost is None
-                   else f"distill run: {session.lost_message(lost)}")
+        status, failure = "save_failed" if lost is None else "process_lost", error
     finally:
         trained = (ended or time.time()) - started if session.start < run.cfg.train.steps else 0.0
         summary = session.summary(status, trained)
     if session.writer and status not in FAILURES and any(v is not None for v in summary["bpb"].values()):
         print(rundir.format_table(summary))  # not an empty one: a run stopped before its first evaluation
-    if failure:
-        print(f"\n{failure}", file=sys.stderr)
+    if failure is not None:
+        message = lost_message(lost, summary["checkpoint"]) if lost else f"stopped at step {session.reached}: {failure}"
+        print(f"\ndistill run: {message}", file=sys.stderr)
     return summary
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import os
 import signal
 import time
@@ -49,18 +48,7 @@ def dies_with_parent() -> Callable[[], None] | None:
 
 def lock_holder(run_dir: Path) -> int | None:
     """The pid holding RUN_DIR/.lock (a `distill run` training there), or None when it is free."""
-    path = RunLock(run_dir).path
-    try:
-        with open(path) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                text = handle.read().strip()
-                return int(text) if text.isdigit() else -1
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    except OSError:
-        pass
-    return None
+    return RunLock(run_dir).holder()
 
 
 def _proc_field(pid: int, name: str) -> str | None:
